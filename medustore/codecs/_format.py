@@ -1,0 +1,135 @@
+"""Chunk framing shared by medustore's codecs.
+
+Every chunk a medustore codec writes starts with a fixed little-endian header (its layout
+is given by the codec, after a 4-byte magic and a 1-byte format version) and ends with a
+CRC-32 of everything before it. Readers check the magic, the version, the checksum and
+every length against the buffer *before* acting on a header field, so a truncated,
+corrupted or hostile buffer raises `ValueError` and never drives an allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+__all__ = [
+    "DTYPES",
+    "DTYPE_CODES",
+    "MAX_ELEMENTS",
+    "ChunkReader",
+    "as_float_array",
+    "check_finite",
+    "frame",
+]
+
+#: Float dtypes the codecs accept, by one-byte header code.
+DTYPES: dict[int, np.dtype] = {1: np.dtype("<f2"), 2: np.dtype("<f4"), 3: np.dtype("<f8")}
+DTYPE_CODES: dict[np.dtype, int] = {dt: code for code, dt in DTYPES.items()}
+
+#: Largest element count a chunk may claim when the caller gives no output buffer
+#: (2**28 float64 values are 2 GiB). With ``out`` the count must equal ``out.size``.
+MAX_ELEMENTS = 2**28
+
+_CRC = struct.Struct("<I")
+
+
+def as_float_array(buf: object, codec: str) -> np.ndarray:
+    """Flat view of a float16/32/64 array-like, or a TypeError naming the fix."""
+    arr = np.asarray(buf)
+    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(
+            f"{codec} encodes float16, float32 or float64 arrays, got dtype {arr.dtype}; "
+            "cast with .astype(np.float32) first"
+        )
+    return np.ascontiguousarray(arr).reshape(-1).astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
+def check_finite(x: np.ndarray, codec: str) -> None:
+    """Raise ValueError naming how many values are NaN or infinite and where the first is."""
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x))
+        raise ValueError(
+            f"{codec} cannot encode non-finite values: {bad.size} NaN or infinite "
+            f"value(s), the first at flat index {int(bad[0])} ({x[bad[0]]!r})"
+        )
+
+
+def frame(header: bytes, *parts: bytes) -> bytes:
+    """Join header and payload parts and append the CRC-32 of the whole."""
+    body = b"".join((header, *parts))
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+class ChunkReader:
+    """Bounds-checked cursor over a framed chunk.
+
+    Parameters
+    ----------
+    buf
+        The encoded chunk (any buffer-protocol object).
+    magic, version, codec
+        Expected magic and format version; ``codec`` names the codec in error messages.
+    """
+
+    def __init__(self, buf: object, magic: bytes, versions: tuple[int, ...], codec: str) -> None:
+        try:
+            data = memoryview(buf).cast("B")
+        except TypeError as err:
+            raise ValueError(f"{codec}: cannot read a chunk from {type(buf).__name__}") from err
+        self.codec = codec
+        if len(data) < len(magic) + 1 + _CRC.size:
+            raise ValueError(f"{codec}: chunk of {len(data)} bytes is too short to be valid")
+        if bytes(data[: len(magic)]) != magic:
+            raise ValueError(
+                f"{codec}: not a {codec} chunk (magic {bytes(data[:len(magic)])!r}, "
+                f"expected {magic!r})"
+            )
+        self.version = data[len(magic)]
+        if self.version not in versions:
+            raise ValueError(
+                f"{codec}: chunk format version {self.version} is not supported by this "
+                f"medustore (reads {', '.join(map(str, versions))}); upgrade medustore"
+            )
+        (crc,) = _CRC.unpack(data[-_CRC.size :])
+        self._data = data[: -_CRC.size]
+        if zlib.crc32(self._data) != crc:
+            raise ValueError(f"{codec}: chunk checksum mismatch (corrupted or truncated data)")
+        self._pos = len(magic) + 1
+
+    def unpack(self, fmt: struct.Struct) -> tuple:
+        """Read a fixed-size record."""
+        return fmt.unpack(self.take(fmt.size))
+
+    def take(self, n: int) -> memoryview:
+        """The next ``n`` bytes, or ValueError if the chunk is shorter."""
+        if n < 0 or self._pos + n > len(self._data):
+            raise ValueError(
+                f"{self.codec}: chunk is truncated or corrupt (needs {n} bytes at offset "
+                f"{self._pos}, has {len(self._data) - self._pos})"
+            )
+        view = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return view
+
+    def finish(self) -> None:
+        """Refuse trailing bytes: a well-formed chunk is consumed exactly."""
+        if self._pos != len(self._data):
+            raise ValueError(
+                f"{self.codec}: {len(self._data) - self._pos} unexpected trailing bytes"
+            )
+
+
+def check_count(count: int, out: np.ndarray | None, codec: str) -> None:
+    """Validate a header's element count against ``out`` or the sanity cap."""
+    if out is not None:
+        if count != out.size:
+            raise ValueError(
+                f"{codec}: chunk holds {count} values but `out` has room for {out.size}"
+            )
+    elif count > MAX_ELEMENTS:
+        raise ValueError(
+            f"{codec}: chunk claims {count} values, above the limit of {MAX_ELEMENTS} "
+            "without an output buffer; pass `out=` of the right size"
+        )

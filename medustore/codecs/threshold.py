@@ -1,0 +1,191 @@
+"""`DiffThresholdCodec`: coordinate-level differential thresholding around an inner codec.
+
+Entries with ``|x_i| <= tau`` become exactly zero; a bit mask (zstd-packed) records the
+survivors, and only the survivors go through the inner codec (lossless by default,
+typically a `LatticeCodec`). Decoded zeros are exact: a subtractive dither alone would turn
+them into noise, which is why the mask exists. The header keeps what the error budget
+needs without the original data: the number of survivors and the norm of what was zeroed.
+
+Chunk format, version 1 (little-endian)::
+
+    magic "MDDT" | version u8 | dtype u8 | flags u8 (bit 0: mask present)
+    count u64 | tau f64 | survivors u64 | zeroed norm f64 | mask bytes u64 | inner bytes u64
+    mask (zstd of packbits, little bit order) | inner chunk | crc32 u32
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numcodecs
+import numpy as np
+from numcodecs.abc import Codec
+from numcodecs.compat import ndarray_copy
+
+from medustore.codecs._format import (
+    DTYPE_CODES,
+    DTYPES,
+    ChunkReader,
+    as_float_array,
+    check_count,
+    check_finite,
+    frame,
+)
+
+__all__ = ["DiffThresholdCodec", "ThresholdInfo", "threshold_info"]
+
+_MAGIC = b"MDDT"
+_VERSION = 1
+_HEAD = struct.Struct("<BBQdQdQQ")
+_MASK_PRESENT = 1
+_ZSTD = numcodecs.Zstd(level=1)
+
+
+class ThresholdInfo(tuple):
+    """``(count, survivors, tau, zeroed_norm)`` read from a chunk header."""
+
+    __slots__ = ()
+
+    def __new__(cls, count: int, survivors: int, tau: float, zeroed_norm: float):
+        return super().__new__(cls, (count, survivors, tau, zeroed_norm))
+
+    count = property(lambda self: self[0])
+    survivors = property(lambda self: self[1])
+    tau = property(lambda self: self[2])
+    zeroed_norm = property(lambda self: self[3])
+
+
+class DiffThresholdCodec(Codec):
+    """Zero the entries with ``|x| <= tau``, code the survivors with an inner codec.
+
+    Parameters
+    ----------
+    threshold : float, optional
+        Absolute threshold ``tau``. Exclusive with ``relative``.
+    relative : float, optional
+        ``tau = relative * rms(x)`` of each chunk. Default 0 (only exact zeros are dropped).
+    inner : Codec or dict, optional
+        Codec for the survivors (a 1-D array of the input dtype), or its config. By default
+        the survivors are stored losslessly.
+    """
+
+    codec_id = "medustore.diffthreshold"
+
+    def __init__(
+        self,
+        threshold: float | None = None,
+        relative: float | None = None,
+        inner: Codec | dict | None = None,
+    ) -> None:
+        if threshold is not None and relative is not None:
+            raise ValueError("DiffThresholdCodec takes `threshold` or `relative`, not both")
+        for name, value in (("threshold", threshold), ("relative", relative)):
+            if value is not None and not (
+                isinstance(value, (int, float)) and np.isfinite(value) and value >= 0
+            ):
+                raise ValueError(
+                    f"DiffThresholdCodec `{name}` must be a finite number >= 0, got {value!r}"
+                )
+        if threshold is None and relative is None:
+            relative = 0.0
+        self.threshold = None if threshold is None else float(threshold)
+        self.relative = None if relative is None else float(relative)
+        if isinstance(inner, dict):
+            inner = numcodecs.get_codec(dict(inner))
+        if inner is not None and not isinstance(inner, Codec):
+            raise TypeError(
+                f"DiffThresholdCodec `inner` must be a numcodecs Codec or its config dict, "
+                f"got {type(inner).__name__}"
+            )
+        self.inner = inner
+
+    def get_config(self) -> dict:
+        return {"id": self.codec_id, "threshold": self.threshold, "relative": self.relative,
+                "inner": None if self.inner is None else self.inner.get_config()}
+
+    def __repr__(self) -> str:
+        return (f"DiffThresholdCodec(threshold={self.threshold!r}, relative={self.relative!r}, "
+                f"inner={self.inner!r})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DiffThresholdCodec) and self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash(repr(self.get_config()))
+
+    def tau(self, x: np.ndarray) -> float:
+        """The threshold used for chunk ``x``."""
+        if self.threshold is not None:
+            return self.threshold
+        x = np.asarray(x, dtype=np.float64)
+        return self.relative * float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+
+    def encode(self, buf: object) -> bytes:
+        x = as_float_array(buf, "DiffThresholdCodec")
+        check_finite(x, "DiffThresholdCodec")
+        tau = self.tau(x)
+        keep = np.abs(x) > tau
+        survivors = x[keep]
+        dropped = x[~keep].astype(np.float64)
+        zeroed_norm = float(np.sqrt(np.dot(dropped, dropped)))
+        flags, mask = 0, b""
+        if survivors.size != x.size:
+            flags |= _MASK_PRESENT
+            mask = bytes(_ZSTD.encode(np.packbits(keep, bitorder="little")))
+        if survivors.size == 0:
+            inner = b""
+        elif self.inner is None:
+            inner = survivors.tobytes()
+        else:
+            inner = bytes(self.inner.encode(survivors))
+        header = _HEAD.pack(DTYPE_CODES[x.dtype], flags, x.size, tau, survivors.size,
+                            zeroed_norm, len(mask), len(inner))
+        return frame(_MAGIC + bytes([_VERSION]), header, mask, inner)
+
+    def decode(self, buf: object, out: object = None) -> np.ndarray:
+        r = ChunkReader(buf, _MAGIC, (1,), "DiffThresholdCodec")
+        dtype_code, flags, count, _tau, n_surv, _norm, mask_len, inner_len = r.unpack(_HEAD)
+        if dtype_code not in DTYPES:
+            raise ValueError(f"DiffThresholdCodec: unknown dtype code {dtype_code}")
+        dtype = DTYPES[dtype_code]
+        out_arr = None if out is None else np.asarray(out)
+        check_count(count, out_arr, "DiffThresholdCodec")
+        if n_surv > count or flags & ~_MASK_PRESENT:
+            raise ValueError("DiffThresholdCodec: corrupt chunk header")
+        mask_bytes = r.take(mask_len)
+        inner_bytes = r.take(inner_len)
+        r.finish()
+        if flags & _MASK_PRESENT:
+            packed = np.empty(-(-count // 8), dtype=np.uint8)
+            try:
+                _ZSTD.decode(bytes(mask_bytes), out=packed)
+            except Exception as err:  # numcodecs raises RuntimeError/ValueError variants
+                raise ValueError(f"DiffThresholdCodec: corrupt survivor mask ({err})") from None
+            keep = np.unpackbits(packed, count=count, bitorder="little").astype(bool)
+            if int(keep.sum()) != n_surv:
+                raise ValueError("DiffThresholdCodec: survivor mask disagrees with its header")
+        elif n_surv != count:
+            raise ValueError("DiffThresholdCodec: corrupt chunk header (mask missing)")
+        else:
+            keep = None
+        survivors = np.empty(n_surv, dtype=dtype)
+        if n_surv:
+            if self.inner is None:
+                if inner_len != n_surv * dtype.itemsize:
+                    raise ValueError("DiffThresholdCodec: survivor payload has the wrong size")
+                survivors[:] = np.frombuffer(inner_bytes, dtype=dtype)
+            else:
+                self.inner.decode(bytes(inner_bytes), out=survivors)
+        if keep is None:
+            result = survivors
+        else:
+            result = np.zeros(count, dtype=dtype)
+            result[keep] = survivors
+        return result if out is None else ndarray_copy(result, out)
+
+
+def threshold_info(buf: object) -> ThresholdInfo:
+    """Read the header of a `DiffThresholdCodec` chunk without decoding it."""
+    r = ChunkReader(buf, _MAGIC, (1,), "DiffThresholdCodec")
+    _dt, _flags, count, tau, n_surv, norm, _ml, _il = r.unpack(_HEAD)
+    return ThresholdInfo(count, n_surv, tau, norm)
