@@ -8,6 +8,7 @@ the ``zarr.codecs`` entry-point group as ``medustore.lattice`` and
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -75,11 +76,13 @@ class NumcodecsArrayBytesCodec(ArrayBytesCodec):
         self.codec.decode(chunk_bytes.to_bytes(), out=out.reshape(-1))
         return chunk_spec.prototype.nd_buffer.from_ndarray_like(out)
 
+    # Coding is CPU work that releases the GIL in numpy and pcodec: run it in a worker
+    # thread so zarr's concurrent chunk writes and reads code chunks in parallel.
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        return self._encode_sync(chunk_array, chunk_spec)
+        return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        return self._decode_sync(chunk_bytes, chunk_spec)
+        return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         raise NotImplementedError  # variable-size output

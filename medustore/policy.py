@@ -1,0 +1,241 @@
+"""`MeduPolicy`: the MEDU hierarchy that decides what a round stores and how.
+
+1. User sparsification: keep all participants, the top ``keep_top``, or a ``keep_fraction``
+   of them, ranked by the score ``p_u * ||d_t^u||`` (the users that deviate most from the
+   aggregate, which are the ones an operator will want to remove); ``always_keep`` users
+   are stored whatever their score.
+2. Differential thresholding: record level, skip ``(t, u)`` when
+   ``||d_t^u|| <= kappa * ||hbar_t||``; coordinate level, `DiffThresholdCodec` zeroes the
+   entries ``|d_i| <= coord_threshold * rms(d)``.
+3. Random lattice coding: `LatticeCodec` (``lattice``, ``bits``) codes the survivors;
+   aggregates are coded with ``aggregate_bits`` (or losslessly).
+
+A policy is a frozen dataclass; its JSON form lives in the store's attributes, so any
+reader decodes without being told the configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from medustore.codecs import DiffThresholdCodec, LatticeCodec, get_lattice
+
+__all__ = ["MeduPolicy", "PRESETS", "parse_policy"]
+
+UserId = int | str
+
+
+@dataclass(frozen=True)
+class MeduPolicy:
+    """What a round stores and how it is coded.
+
+    Parameters
+    ----------
+    keep_top, keep_fraction
+        Stage 1: keep at most ``keep_top`` users, or ``ceil(keep_fraction * |C_t|)``,
+        per round by score ``p_u * ||d_t^u||``; both None keeps every participant.
+    always_keep
+        Users stored in every round they take part in, whatever their score.
+    kappa
+        Stage 2a: skip records with ``||d_t^u|| <= kappa * ||hbar_t||`` (0 keeps them).
+    coord_threshold
+        Stage 2b: zero the entries ``|d_i| <= coord_threshold * rms(d)`` of each chunk
+        (None: no coordinate thresholding).
+    lattice, bits
+        Stage 3: lattice and resolution of record coding; ``lattice=None`` stores records
+        as lossless float32.
+    aggregate_bits
+        Resolution of the per-round aggregate (same lattice); None stores it losslessly.
+    chunk_size
+        Parameters per chunk: records of larger models are split along the model.
+    name
+        The preset this policy came from, for display.
+    """
+
+    keep_top: int | None = None
+    keep_fraction: float | None = None
+    always_keep: tuple[UserId, ...] = ()
+    kappa: float = 0.0
+    coord_threshold: float | None = None
+    lattice: str | None = None
+    bits: float = 4.0
+    aggregate_bits: float | None = None
+    chunk_size: int = 2**20
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.keep_top is not None and self.keep_fraction is not None:
+            raise ValueError("MeduPolicy: give keep_top or keep_fraction, not both")
+        if self.keep_top is not None and (not isinstance(self.keep_top, int) or self.keep_top < 1):
+            raise ValueError(f"MeduPolicy: keep_top must be an int >= 1, got {self.keep_top!r}")
+        if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(
+                f"MeduPolicy: keep_fraction must be in (0, 1], got {self.keep_fraction!r}"
+            )
+        if not (math.isfinite(self.kappa) and self.kappa >= 0):
+            raise ValueError(f"MeduPolicy: kappa must be finite and >= 0, got {self.kappa!r}")
+        if self.coord_threshold is not None and not self.coord_threshold >= 0:
+            raise ValueError("MeduPolicy: coord_threshold must be >= 0 or None")
+        if self.lattice is not None:
+            get_lattice(self.lattice)
+            LatticeCodec(self.lattice, bits=self.bits)  # validates bits
+            if self.aggregate_bits is not None:
+                LatticeCodec(self.lattice, bits=self.aggregate_bits)
+        if not (isinstance(self.chunk_size, int) and self.chunk_size >= 64):
+            raise ValueError(f"MeduPolicy: chunk_size must be an int >= 64, got {self.chunk_size}")
+        object.__setattr__(self, "always_keep", tuple(self.always_keep))
+
+    # ------------------------------------------------------------------ stage 1 + 2a
+
+    def select(self, users: Sequence[UserId], weights: np.ndarray, dnorms: np.ndarray,
+               agg_norm: float) -> np.ndarray:
+        """Boolean mask of the participants whose records are stored this round."""
+        n = len(users)
+        score = weights * dnorms
+        keep = np.ones(n, dtype=bool)
+        limit = n
+        if self.keep_top is not None:
+            limit = min(n, self.keep_top)
+        elif self.keep_fraction is not None:
+            limit = min(n, math.ceil(self.keep_fraction * n - 1e-9))
+        if limit < n:
+            order = np.argsort(-score, kind="stable")
+            keep[:] = False
+            keep[order[:limit]] = True
+        if self.kappa > 0:
+            keep &= dnorms > self.kappa * agg_norm
+        if self.always_keep:
+            forced = set(self.always_keep)
+            keep |= np.array([u in forced for u in users], dtype=bool)
+        return keep
+
+    # ------------------------------------------------------------------ stage 2b + 3
+
+    def record_serializer(self) -> dict | None:
+        """zarr v3 serializer of record chunks (None: lossless float32 bytes + zstd)."""
+        inner = None if self.lattice is None else LatticeCodec(self.lattice, bits=self.bits)
+        if self.coord_threshold is not None:
+            codec = DiffThresholdCodec(relative=self.coord_threshold, inner=inner)
+        elif inner is not None:
+            codec = inner
+        else:
+            return None
+        return _serializer(codec)
+
+    def aggregate_serializer(self) -> dict | None:
+        """zarr v3 serializer of aggregate chunks (None: lossless)."""
+        if self.lattice is None or self.aggregate_bits is None:
+            return None
+        return _serializer(LatticeCodec(self.lattice, bits=self.aggregate_bits))
+
+    def expected_error(self, d: np.ndarray) -> tuple[float, float, int]:
+        """``(E||e||^2, ||zeroed||, survivors)`` of coding record ``d`` under this policy.
+
+        Mirrors the codecs chunk by chunk, so the store can keep the error budget of each
+        record without decoding it later.
+        """
+        evar, zsq, surv = 0.0, 0.0, 0
+        for start in range(0, d.size, self.chunk_size):
+            part = np.asarray(d[start : start + self.chunk_size], dtype=np.float64)
+            if self.coord_threshold is not None:
+                tau = DiffThresholdCodec(relative=self.coord_threshold).tau(part)
+                small = np.abs(part) <= tau
+                zsq += float(np.dot(part[small], part[small]))
+                part = part[~small]
+            surv += part.size
+            if self.lattice is not None and part.size:
+                codec = LatticeCodec(self.lattice, bits=self.bits)
+                evar += codec.error_variance(part) * part.size
+        return evar, math.sqrt(zsq), surv
+
+    def expected_aggregate_error(self, hbar: np.ndarray) -> float:
+        """``E||e||^2`` of coding the aggregate ``hbar``."""
+        if self.lattice is None or self.aggregate_bits is None:
+            return 0.0
+        codec = LatticeCodec(self.lattice, bits=self.aggregate_bits)
+        total = 0.0
+        for start in range(0, hbar.size, self.chunk_size):
+            part = hbar[start : start + self.chunk_size]
+            total += codec.error_variance(part) * part.size
+        return total
+
+    # ------------------------------------------------------------------ JSON form
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["always_keep"] = list(self.always_keep)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> MeduPolicy:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"archive policy has unknown fields {sorted(unknown)}; upgrade medustore")
+        data = dict(data)
+        data["always_keep"] = tuple(data.get("always_keep", ()))
+        return cls(**data)
+
+    def evolve(self, **changes: Any) -> MeduPolicy:
+        """A copy with some fields changed (``name`` becomes "custom" unless given)."""
+        changes.setdefault("name", "custom")
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line saying what the policy does."""
+        parts = []
+        if self.keep_top is not None:
+            parts.append(f"top {self.keep_top} users/round")
+        elif self.keep_fraction is not None:
+            parts.append(f"top {self.keep_fraction:.0%} users/round")
+        else:
+            parts.append("all users")
+        if self.always_keep:
+            parts.append(f"always {list(self.always_keep)}")
+        if self.kappa:
+            parts.append(f"kappa {self.kappa:g}")
+        if self.coord_threshold is not None:
+            parts.append(f"coord tau {self.coord_threshold:g} rms")
+        if self.lattice is None:
+            parts.append("float32 lossless")
+        else:
+            agg = "lossless" if self.aggregate_bits is None else f"{self.aggregate_bits:g} bits"
+            parts.append(f"{self.lattice} lattice {self.bits:g} bits (aggregate {agg})")
+        return f"{self.name}: " + ", ".join(parts)
+
+
+def _serializer(codec: Any) -> dict:
+    config = codec.get_config()
+    name = config.pop("id")
+    return {"name": name, "configuration": config}
+
+
+#: Named presets. ``full`` is the uncompressed reference (what peers store); ``lattice``
+#: keeps every record, lattice-coded; ``medu`` applies the whole hierarchy with defaults
+#: measured on the demo setting (docs/results.md).
+PRESETS: dict[str, MeduPolicy] = {
+    "full": MeduPolicy(name="full"),
+    "lattice": MeduPolicy(lattice="E8", bits=4.0, aggregate_bits=8.0, name="lattice"),
+    "medu": MeduPolicy(keep_fraction=0.25, coord_threshold=0.5, lattice="E8", bits=2.0,
+                       aggregate_bits=6.0, name="medu"),
+}
+
+
+def parse_policy(policy: str | MeduPolicy | dict | None) -> MeduPolicy:
+    """A `MeduPolicy` from a preset name, a policy, its JSON form, or None (``medu``)."""
+    if policy is None:
+        return PRESETS["medu"]
+    if isinstance(policy, MeduPolicy):
+        return policy
+    if isinstance(policy, dict):
+        return MeduPolicy.from_json(policy)
+    if isinstance(policy, str):
+        if policy not in PRESETS:
+            raise ValueError(f"unknown policy preset {policy!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[policy]
+    raise TypeError(f"policy must be a preset name, a MeduPolicy or a dict, got {type(policy).__name__}")
