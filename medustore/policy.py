@@ -51,6 +51,10 @@ class MeduPolicy:
         as lossless float32.
     aggregate_bits
         Resolution of the per-round aggregate (same lattice); None stores it losslessly.
+    keep_aggregates
+        Store each round's aggregate ``hbar_t``. Unlearning needs it only in rounds where
+        every participant is removed (without it, the error budget counts ``||hbar_t||``
+        there); `reconstruct` needs it always.
     chunk_size
         Parameters per chunk: records of larger models are split along the model.
     name
@@ -65,6 +69,7 @@ class MeduPolicy:
     lattice: str | None = None
     bits: float = 4.0
     aggregate_bits: float | None = None
+    keep_aggregates: bool = True
     chunk_size: int = 2**20
     name: str = "custom"
 
@@ -155,7 +160,7 @@ class MeduPolicy:
 
     def expected_aggregate_error(self, hbar: np.ndarray) -> float:
         """``E||e||^2`` of coding the aggregate ``hbar``."""
-        if self.lattice is None or self.aggregate_bits is None:
+        if self.lattice is None or self.aggregate_bits is None or not self.keep_aggregates:
             return 0.0
         codec = LatticeCodec(self.lattice, bits=self.aggregate_bits)
         total = 0.0
@@ -201,10 +206,15 @@ class MeduPolicy:
             parts.append(f"kappa {self.kappa:g}")
         if self.coord_threshold is not None:
             parts.append(f"coord tau {self.coord_threshold:g} rms")
-        if self.lattice is None:
-            parts.append("float32 lossless")
+        if not self.keep_aggregates:
+            agg = "not kept"
+        elif self.lattice is None or self.aggregate_bits is None:
+            agg = "lossless"
         else:
-            agg = "lossless" if self.aggregate_bits is None else f"{self.aggregate_bits:g} bits"
+            agg = f"{self.aggregate_bits:g} bits"
+        if self.lattice is None:
+            parts.append(f"float32 lossless (aggregate {agg})")
+        else:
             parts.append(f"{self.lattice} lattice {self.bits:g} bits (aggregate {agg})")
         return f"{self.name}: " + ", ".join(parts)
 

@@ -135,7 +135,8 @@ def _plan(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> _Plan:
     rows = [int(r) for r in np.flatnonzero(in_window)]
     W, S = store.side("weight"), store.side("stored")
     dnorm, znorm, evar = store.side("dnorm"), store.side("znorm"), store.side("evar")
-    agg_evar = store.side("agg_evar")
+    agg_evar, anorm = store.side("agg_evar"), store.side("anorm")
+    have_agg = store.policy.keep_aggregates
     users_list = store.users
     det = var = 0.0
     used = n_missing = n_rounds = 0
@@ -151,9 +152,14 @@ def _plan(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> _Plan:
             P = float(W[row][part].sum())
             PF = float(sum(W[row, c] for c in in_f))
             if part.sum() == len(in_f):  # every participant removed: subtract hbar_t
-                row_terms.append(("aggregate", row, -1, 1.0))
-                var += f * f * float(agg_evar[row])
-                used += len(in_f)
+                if have_agg:
+                    row_terms.append(("aggregate", row, -1, 1.0))
+                    var += f * f * float(agg_evar[row])
+                    used += len(in_f)
+                else:
+                    det += f * float(anorm[row])
+                    n_missing += len(in_f)
+                    missing.extend((int(store.rounds[row]), users_list[c]) for c in in_f)
             else:
                 for c in in_f:
                     coef = float(W[row, c]) / (P - PF)
@@ -282,6 +288,9 @@ def reconstruct(store: UpdateStore, round: int, out: OutputKind = "numpy") -> An
 
     t = _round_number(round)
     rounds = np.array(store.rounds, dtype=np.int64)
+    if not store.policy.keep_aggregates:
+        raise ValueError(f"this archive's policy ({store.policy.name}) does not keep "
+                         "aggregates, so past models cannot be reconstructed")
     before = int(np.searchsorted(rounds, t, side="left"))  # rows with round < t
     agg = store._a["aggregate"]
     if before <= rounds.size - before:

@@ -12,14 +12,16 @@ Layout (format 1; ``R`` rows = recorded rounds, ``U`` user columns, ``m`` parame
       evar      (R, U)    f8   expected squared error norm of the record's lattice coding
       nbytes    (R, U)    i8   encoded bytes of the record
       agg_evar  (R,)      f8   expected squared error norm of the coded aggregate
+      anorm     (R,)      f8   ||hbar_t||
       committed (R,)      i8   round number of the row; -1 until the row is committed
-      initial   (m,)      f8   w_0, lossless
-      latest    (2, m)    f8   w_{t+1} after the last committed row, double-buffered
+      initial   (m,)      f4   w_0, lossless (f8 for float64 models)
+      model     (R, m)    f4   w_{t+1}, lossless; only the last committed row is kept
       acc, acc_row             exact per-user accumulators (optional, double-buffered)
 
 A round is written in this order: side arrays, records, aggregate, model, and last the
-``committed`` entry of its row (a one-value chunk). A round interrupted at any point is
-therefore invisible after reopening, and the next `record_round` reuses its row.
+``committed`` entry of its row (a one-value chunk); then the previous row's model is
+deleted. A round interrupted at any point is therefore invisible after reopening, and the
+next `record_round` reuses its row.
 Every lossy chunk is written whole, exactly once per attempt.
 """
 
@@ -163,14 +165,17 @@ class UpdateStore:
         for name in ("dnorm", "znorm", "evar"):
             group.create_array(name, shape=(0, 0), dtype="f8", fill_value=0.0, **side)
         group.create_array("nbytes", shape=(0, 0), dtype="i8", fill_value=0, **side)
-        group.create_array("agg_evar", shape=(0,), chunks=(1,), dtype="f8", fill_value=0.0,
-                           compressors=None)
+        for name in ("agg_evar", "anorm"):
+            group.create_array(name, shape=(0,), chunks=(1,), dtype="f8", fill_value=0.0,
+                               compressors=None)
         group.create_array("committed", shape=(0,), chunks=(1,), dtype="i8", fill_value=-1,
                            compressors=None)
-        group.create_array("initial", shape=(m,), chunks=(c,), dtype="f8", fill_value=0.0,
-                           compressors=_LOSSLESS)
-        group.create_array("latest", shape=(2, m), chunks=(1, c), dtype="f8", fill_value=0.0,
-                           compressors=_LOSSLESS)
+        # The model is kept in its own precision: float32 models gain nothing from f8.
+        model_dtype = "f8" if any(t.dtype == "<f8" for t in layout.tensors) else "f4"
+        group.create_array("initial", shape=(m,), chunks=(c,), dtype=model_dtype,
+                           fill_value=0.0, compressors=_LOSSLESS)
+        group.create_array("model", shape=(0, m), chunks=(1, c), dtype=model_dtype,
+                           fill_value=0.0, compressors=_LOSSLESS)
         group["initial"][:] = initial
         if accumulators:
             group.create_array("acc", shape=(0, 2, m), chunks=(1, 1, c), dtype="f8",
@@ -205,7 +210,7 @@ class UpdateStore:
         self._col = {u: i for i, u in enumerate(self._users)}
         self._a = {name: group[name] for name in (
             "updates", "aggregate", "weight", "stored", "dnorm", "znorm", "evar", "nbytes",
-            "agg_evar", "committed", "initial", "latest")}
+            "agg_evar", "anorm", "committed", "initial", "model")}
         if self.has_accumulators:
             self._a["acc"], self._a["acc_row"] = group["acc"], group["acc_row"]
         self._load_index()
@@ -316,7 +321,7 @@ class UpdateStore:
     def _latest_vec(self) -> np.ndarray:
         if not self._nrows:
             return self._a["initial"][:]
-        return self._a["latest"][(self._nrows - 1) % 2, :]
+        return self._a["model"][self._nrows - 1, :]
 
     def nbytes_stored(self) -> int:
         """Bytes the archive occupies in its store (every key: data and metadata)."""
@@ -470,14 +475,18 @@ class UpdateStore:
         for i in kept:
             nbytes_row[cols[i]] = self._chunk_bytes("updates", (row, int(cols[i])))
         a["nbytes"][row, :n_users] = nbytes_row
-        a["aggregate"][row, :] = hbar.astype(np.float32)
-        a["agg_evar"][row] = pol.expected_aggregate_error(hbar.astype(np.float32))
+        if pol.keep_aggregates:
+            a["aggregate"][row, :] = hbar.astype(np.float32)
+            a["agg_evar"][row] = pol.expected_aggregate_error(hbar.astype(np.float32))
+        a["anorm"][row] = float(np.linalg.norm(hbar))
         if self.has_accumulators:
             self._update_accumulators(row, cols, p, dvecs, hbar, P)
         if row == 0:
             a["initial"][:] = w_before
-        a["latest"][row % 2, :] = w_before + hbar
+        a["model"][row, :] = w_before + hbar
         a["committed"][row] = t  # the commit point
+        if row:
+            a["model"][row - 1, :] = 0.0  # all-fill chunks are deleted: one model copy
         self._nrows = row + 1
         self._round_of_row = np.append(self._round_of_row, t)
         self._row_of_round[t] = row
@@ -496,7 +505,9 @@ class UpdateStore:
         a["updates"].resize((R, U, m))
         a["aggregate"].resize((R, m))
         a["agg_evar"].resize((R,))
+        a["anorm"].resize((R,))
         a["committed"].resize((R,))
+        a["model"].resize((R, m))
         if self.has_accumulators:
             a["acc"].resize((U, 2, m))
             a["acc_row"].resize((U, 2))
