@@ -17,7 +17,7 @@ from collections.abc import Hashable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -143,6 +143,29 @@ def _distance(a: State, b: State) -> float:
     return float(torch.linalg.vector_norm(_flat(a) - _flat(b)))
 
 
+class _Unlearned(NamedTuple):
+    """What one archive gave: the unlearned weights and what the archive says of itself."""
+
+    weights: State
+    nbytes: int
+    stored: int
+    budget: medustore.ErrorBudget
+    policy: str
+
+
+def _unlearn(path: Path, users: list[int], progress: bool | None) -> _Unlearned:
+    with medustore.open(path, "r") as store, warnings.catch_warnings():
+        # Records the policy dropped are accounted for in the budget returned with them.
+        warnings.simplefilter("ignore", medustore.IncompleteUnlearningWarning)
+        return _Unlearned(
+            weights=store.unlearn(users, out="state_dict", progress=progress),
+            nbytes=store.nbytes_stored(),
+            stored=int(store.side("stored").sum()),
+            budget=store.error_budget(users),
+            policy=store.policy.describe(),
+        )
+
+
 def run_demo(
     config: DemoConfig = DemoConfig(),
     out: str | Path | None = None,
@@ -174,7 +197,7 @@ def run_demo(
     users = make_users(config, train)
     malicious = list(range(config.malicious))
     model = make_model(config.seed)
-    w0 = model.state_dict()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
     n_params = sum(v.numel() for v in w0.values())
 
     with ExitStack() as stack:
@@ -204,24 +227,11 @@ def run_demo(
         w_retrain = fedavg(model, users, config.fed(), exclude=malicious, progress=progress,
                            desc="retraining")
 
-        unlearned: dict[str, State] = {}
-        nbytes: dict[str, int] = {}
-        stored: dict[str, int] = {}
-        budget = None
-        for k, p in paths.items():
-            with medustore.open(p, "r") as store, warnings.catch_warnings():
-                # Records the policy dropped are counted in the budget reported below.
-                warnings.simplefilter("ignore", medustore.IncompleteUnlearningWarning)
-                unlearned[k] = store.unlearn(malicious, out="state_dict", progress=progress)
-                nbytes[k] = store.nbytes_stored()
-                stored[k] = int(store.side("stored").sum())
-                if k == "compressed":
-                    budget = store.error_budget(malicious)
-                    policy_text = store.policy.describe()
+        done = {k: _unlearn(p, malicious, progress) for k, p in paths.items()}
 
+    full, compressed = done["full"], done["compressed"]
     evaluated = {"poisoned": w_poisoned, "retrain": w_retrain,
-                 "unlearned_full": unlearned["full"],
-                 "unlearned_compressed": unlearned["compressed"]}
+                 "unlearned_full": full.weights, "unlearned_compressed": compressed.weights}
     models = {}
     for name, state in evaluated.items():
         model.load_state_dict(state)
@@ -230,7 +240,6 @@ def run_demo(
             "backdoor_success": backdoor_success(model, test, config.target),
         }
     peers = records * n_params * 4
-    assert budget is not None
     return {
         "config": dataclasses.asdict(config),
         "parameters": n_params,
@@ -238,18 +247,18 @@ def run_demo(
         "models": models,
         "storage": {
             "records": records,
-            "records_stored": stored,
+            "records_stored": {"full": full.stored, "compressed": compressed.stored},
             "peers_float32_bytes": peers,
-            "full_bytes": nbytes["full"],
-            "compressed_bytes": nbytes["compressed"],
-            "compression_ratio": peers / nbytes["compressed"],
-            "compression_ratio_vs_full": nbytes["full"] / nbytes["compressed"],
-            "policy": policy_text,
+            "full_bytes": full.nbytes,
+            "compressed_bytes": compressed.nbytes,
+            "compression_ratio": peers / compressed.nbytes,
+            "compression_ratio_vs_full": full.nbytes / compressed.nbytes,
+            "policy": compressed.policy,
         },
         "error": {
-            "predicted": budget.to_json(),
-            "measured_l2": _distance(unlearned["compressed"], unlearned["full"]),
-            "full_vs_retrain_l2": _distance(unlearned["full"], w_retrain),
+            "predicted": compressed.budget.to_json(),
+            "measured_l2": _distance(compressed.weights, full.weights),
+            "full_vs_retrain_l2": _distance(full.weights, w_retrain),
             "poisoned_vs_retrain_l2": _distance(w_poisoned, w_retrain),
         },
         "seconds": time.perf_counter() - start,
