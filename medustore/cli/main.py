@@ -11,3 +11,12 @@ from medustore import __version__
 @click.version_option(__version__, prog_name="medustore")
 def main() -> None:
     """medustore: compressed storage of federated-learning updates, built to unlearn."""
+
+
+from medustore.cli.inspect import inspect_command  # noqa: E402
+from medustore.cli.unlearn import unlearn_command  # noqa: E402
+from medustore.cli.verify import verify_command  # noqa: E402
+
+main.add_command(inspect_command)
+main.add_command(unlearn_command)
+main.add_command(verify_command)
