@@ -217,13 +217,6 @@ def unlearn(store: UpdateStore, users: Any, *, rounds: Any = None, alpha: float 
         replay by at most `error_budget(...).deterministic` (plus the lattice noise).
     """
     plan = _plan(store, users, rounds, alpha)
-    if plan.budget.records_missing:
-        warnings.warn(
-            f"{plan.budget.records_missing} participation(s) of the users to remove were not "
-            f"stored by the archive's policy ({store.policy.name}); the result may differ from "
-            f"the exact unlearning by up to {plan.budget.deterministic:.4g} (L2) plus lattice "
-            f"noise of RMS {plan.budget.rms:.4g}",
-            IncompleteUnlearningWarning, stacklevel=3)
     single = (not isinstance(users, str | int) and isinstance(users, Iterable)
               and len(set(users)) == 1) or isinstance(users, str | int)
     can_acc = store.has_accumulators and single and rounds is None and alpha == 0.0
@@ -234,6 +227,14 @@ def unlearn(store: UpdateStore, users: Any, *, rounds: Any = None, alpha: float 
     if can_acc and exact_accumulator is not False:
         user = users if isinstance(users, str | int) else next(iter(users))
         return store.layout.unflatten(latest - store.accumulator(user), out)
+    # Only the replay misses dropped records: the exact accumulator does not need them.
+    if plan.budget.records_missing:
+        warnings.warn(
+            f"{plan.budget.records_missing} participation(s) of the users to remove were not "
+            f"stored by the archive's policy ({store.policy.name}); the result may differ from "
+            f"the exact unlearning by up to {plan.budget.deterministic:.4g} (L2) plus lattice "
+            f"noise of RMS {plan.budget.rms:.4g}",
+            IncompleteUnlearningWarning, stacklevel=3)
     correction = _correction(store, plan, alpha, progress)
     return store.layout.unflatten(latest - correction, out)
 
