@@ -6,9 +6,10 @@ participant ``u`` trains a copy of ``w_t`` on its data and sends ``h_t^u = w_t^u
 server sets ``w_{t+1} = w_t + sum_u p_u h_t^u / sum_u p_u`` with ``p_u`` the user's number
 of samples. This is the rule the store's unlearning replays.
 
-Every random draw (participants, batch order) comes from a seed derived from
-``(seed, t, position of the user)``, so one user's stream does not depend on who else
-trains: retraining from scratch without a user reuses every other user's batches.
+The participants of round ``t`` are drawn from a seed derived from ``(seed, t, 0)``, a user's
+batch order from ``(seed, t, 1 + position of the user)``: one user's stream does not depend
+on who else trains, so retraining from scratch without a user reuses every other user's
+batches.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def participants(n_users: int, t: int, config: FedConfig) -> list[int]:
     k = max(1, round(config.participation * n_users))
     if k == n_users:
         return list(range(n_users))
-    rng = np.random.default_rng(_seed(config.seed, t, -1 & 0xFFFFFFFF))
+    rng = np.random.default_rng(_seed(config.seed, t, 0))
     return sorted(rng.choice(n_users, size=k, replace=False).tolist())
 
 
@@ -161,7 +162,7 @@ def fedavg(
             user = ids[i]
             if user in exclude:
                 continue
-            generator = torch.Generator().manual_seed(_seed(config.seed, t, i))
+            generator = torch.Generator().manual_seed(_seed(config.seed, t, i + 1))
             updates[user] = local_update(workspace, state, users[user], config, generator)
             weights[user] = float(len(users[user]))
         if not updates:
