@@ -3,6 +3,9 @@ end to end on a small run."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -211,3 +214,88 @@ def test_backdoor_success_ignores_the_target_class(digits: tuple[Dataset, Datase
 
     assert backdoor_success(Always(3), test, target=3) == 1.0
     assert backdoor_success(Always(4), test, target=3) == 0.0
+
+
+# ---------------------------------------------------------------------- end to end
+
+#: A run small enough for a test in which the backdoor still takes hold.
+SMALL_DEMO = ["--users", "4", "--rounds", "3", "--malicious-share", "0.3",
+              "--local-epochs", "3", "--seed", "1"]
+MODEL_KEYS = {"poisoned", "retrain", "unlearned_full", "unlearned_compressed"}
+
+
+def _demo(*args: str) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from medustore.cli import main
+
+    result = CliRunner().invoke(main, ["demo", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_json(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("demo") / "archives"
+    code, stdout, _ = _demo(*SMALL_DEMO, "--json", "--out", str(out))
+    assert code == 0, stdout
+    return json.loads(stdout), out
+
+
+def test_demo_json_summary(demo_json: tuple[dict, Path]) -> None:
+    summary, out = demo_json
+    assert {"config", "parameters", "malicious_users", "models", "storage", "error",
+            "seconds", "out"} <= summary.keys()
+    assert summary["config"]["policy"] == "medu" and summary["malicious_users"] == [0]
+    assert summary["models"].keys() == MODEL_KEYS
+    for metrics in summary["models"].values():
+        assert metrics.keys() == {"clean_accuracy", "backdoor_success"}
+    storage = summary["storage"]
+    assert storage["records"] == 3 * 4
+    assert storage["peers_float32_bytes"] == 3 * 4 * summary["parameters"] * 4
+    assert storage["compressed_bytes"] < storage["full_bytes"]
+    assert storage["compression_ratio"] > 1.0
+    predicted = summary["error"]["predicted"]
+    assert {"deterministic", "rms", "bound_3sigma"} <= predicted.keys()
+    assert summary["error"]["measured_l2"] >= 0.0
+    assert summary["out"] == str(out)
+
+
+def test_demo_unlearning_removes_the_backdoor(demo_json: tuple[dict, Path]) -> None:
+    models = demo_json[0]["models"]
+    assert models["poisoned"]["backdoor_success"] > 0.5
+    assert models["retrain"]["backdoor_success"] < 0.1
+    assert models["unlearned_full"]["backdoor_success"] < models["poisoned"]["backdoor_success"]
+
+
+def test_demo_keeps_the_archives_with_out(demo_json: tuple[dict, Path]) -> None:
+    import medustore
+
+    summary, out = demo_json
+    for name in ("full.zarr", "compressed.zarr"):
+        with medustore.open(out / name, "r") as store:
+            assert store.rounds == [0, 1, 2]
+            assert store.users == [0, 1, 2, 3]
+
+
+def test_demo_is_reproducible(demo_json: tuple[dict, Path]) -> None:
+    code, stdout, _ = _demo(*SMALL_DEMO, "--json", "--policy", "full")
+    assert code == 0, stdout
+    again = json.loads(stdout)
+    first = demo_json[0]
+    for key in ("poisoned", "retrain", "unlearned_full"):
+        assert again["models"][key] == first["models"][key]
+    assert again["storage"]["full_bytes"] == first["storage"]["full_bytes"]
+    assert again["out"] is None
+
+
+def test_demo_prints_a_table() -> None:
+    code, stdout, _ = _demo(*SMALL_DEMO, "--policy", "full")
+    assert code == 0, stdout
+    for label in ("poisoned (w_T)", "retrain from scratch", "unlearned from full",
+                  "peers (float32 lists)", "measured"):
+        assert label in stdout
+
+
+def test_demo_rejects_bad_options() -> None:
+    code, stdout, stderr = _demo("--users", "3", "--malicious", "3")
+    assert code == 2 and "malicious" in stderr and stdout == ""

@@ -13,10 +13,12 @@ def main() -> None:
     """medustore: compressed storage of federated-learning updates, built to unlearn."""
 
 
+from medustore.cli.demo import demo_command  # noqa: E402
 from medustore.cli.inspect import inspect_command  # noqa: E402
 from medustore.cli.unlearn import unlearn_command  # noqa: E402
 from medustore.cli.verify import verify_command  # noqa: E402
 
+main.add_command(demo_command)
 main.add_command(inspect_command)
 main.add_command(unlearn_command)
 main.add_command(verify_command)
