@@ -463,12 +463,23 @@ def test_verify_interrupted_round_is_harmless(copy) -> None:
     archive = copy("lattice")
 
     class Crash:
+        """The ``committed`` array, except that writing it fails."""
+
+        def __init__(self, array: object) -> None:
+            self._array = array
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._array, name)
+
+        def __getitem__(self, key: object) -> object:
+            return self._array[key]
+
         def __setitem__(self, key: object, value: object) -> None:
             raise RuntimeError("simulated crash before the commit")
 
     rng = np.random.default_rng(3)
     with medustore.open(archive, "r+") as store:
-        store._a["committed"] = Crash()
+        store._a["committed"] = Crash(store._a["committed"])
         updates = {u: {k: rng.normal(size=v.shape).astype(np.float32)
                        for k, v in store.initial().items()} for u in (0, "new")}
         with pytest.raises(RuntimeError, match="simulated"):
