@@ -22,6 +22,8 @@ __all__ = [
     "as_float_array",
     "check_finite",
     "frame",
+    "norm",
+    "rms",
 ]
 
 #: Float dtypes the codecs accept, by one-byte header code.
@@ -44,6 +46,21 @@ def as_float_array(buf: object, codec: str) -> np.ndarray:
             "cast with .astype(np.float32) first"
         )
     return np.ascontiguousarray(arr).reshape(-1).astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
+def norm(x: np.ndarray) -> float:
+    """Euclidean norm in float64, scaled by the peak first so that squaring huge or tiny
+    values neither overflows nor underflows."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak == 0.0:
+        return 0.0
+    scaled = np.asarray(x, dtype=np.float64).reshape(-1) / peak
+    return peak * float(np.sqrt(np.dot(scaled, scaled)))
+
+
+def rms(x: np.ndarray) -> float:
+    """Root mean square in float64, overflow-safe like `norm`."""
+    return norm(x) / float(np.sqrt(x.size)) if x.size else 0.0
 
 
 def check_finite(x: np.ndarray, codec: str) -> None:
@@ -122,9 +139,18 @@ class ChunkReader:
 
 
 def check_count(count: int, out: np.ndarray | None, codec: str) -> None:
-    """Validate a header's element count against ``out`` or the sanity cap."""
+    """Validate a header's element count against ``out`` or the sanity cap.
+
+    ``out`` is an array of values, or a raw byte buffer (``bytearray``, ``uint8`` array:
+    numcodecs allows any buffer) sized for ``count`` values of one of the chunk dtypes;
+    copying into it checks the exact dtype.
+    """
     if out is not None:
-        if count != out.size:
+        if out.dtype.itemsize == 1:
+            fits = out.nbytes in {count * dt.itemsize for dt in DTYPES.values()}
+        else:
+            fits = count == out.size
+        if not fits:
             raise ValueError(
                 f"{codec}: chunk holds {count} values but `out` has room for {out.size}"
             )

@@ -30,6 +30,8 @@ from medustore.codecs._format import (
     check_count,
     check_finite,
     frame,
+    norm,
+    rms,
 )
 
 __all__ = ["DiffThresholdCodec", "ThresholdInfo", "threshold_info"]
@@ -117,17 +119,17 @@ class DiffThresholdCodec(Codec):
         """The threshold used for chunk ``x``."""
         if self.threshold is not None:
             return self.threshold
-        x = np.asarray(x, dtype=np.float64)
-        return self.relative * float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+        return self.relative * rms(np.asarray(x)) if self.relative else 0.0
 
     def encode(self, buf: object) -> bytes:
         x = as_float_array(buf, "DiffThresholdCodec")
         check_finite(x, "DiffThresholdCodec")
         tau = self.tau(x)
-        keep = np.abs(x) > tau
+        # Compare in float64: a Python float would be rounded to a float16/32 input's dtype
+        # first, and entries just above tau would be zeroed.
+        keep = np.abs(x) > np.float64(tau)
         survivors = x[keep]
-        dropped = x[~keep].astype(np.float64)
-        zeroed_norm = float(np.sqrt(np.dot(dropped, dropped)))
+        zeroed_norm = norm(x[~keep])
         flags, mask = 0, b""
         if survivors.size != x.size:
             flags |= _MASK_PRESENT
