@@ -3,6 +3,7 @@ end to end on a small run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def test_fedavg_is_deterministic(digits: tuple[Dataset, Dataset]) -> None:
     b = fedavg(make_model(seed=2), users, SMALL, progress=False)
     assert _equal(a, b)
     assert _equal(model.state_dict(), w0)  # the template is left as it was
-    c = fedavg(model, users, FedConfig(rounds=3, local_epochs=1, seed=12), progress=False)
+    c = fedavg(model, users, dataclasses.replace(SMALL, seed=12), progress=False)
     assert not _equal(a, c)
 
 
@@ -294,6 +295,15 @@ def test_demo_prints_a_table() -> None:
     for label in ("poisoned (w_T)", "retrain from scratch", "unlearned from full",
                   "peers (float32 lists)", "measured"):
         assert label in stdout
+
+
+def test_demo_command_defaults_are_the_config_defaults() -> None:
+    from medustore.cli.demo import demo_command
+    from medustore.demo.run import DemoConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
+    options = {p.name: p.default for p in demo_command.params if p.name in fields}
+    assert options == fields
 
 
 def test_demo_rejects_bad_options() -> None:

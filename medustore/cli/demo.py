@@ -95,6 +95,8 @@ def format_summary(summary: dict[str, Any]) -> str:
               help="Class the trigger maps to.")
 @click.option("--local-epochs", default=5, show_default=True, type=click.IntRange(1),
               help="Local epochs per round.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+              help="Local SGD mini-batch size.")
 @click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Local SGD learning rate.")
 @click.option("--policy", default="medu", show_default=True, type=click.Choice(list(PRESETS)),

@@ -53,9 +53,9 @@ class FedConfig:
     """
 
     rounds: int = 30
-    local_epochs: int = 2
+    local_epochs: int = 5
     batch_size: int = 16
-    lr: float = 0.05
+    lr: float = 0.1
     participation: float = 1.0
     seed: int = 0
 

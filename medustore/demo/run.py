@@ -63,19 +63,19 @@ class DemoConfig:
     """
 
     users: int = 20
-    rounds: int = 30
+    rounds: int = FedConfig.rounds
     split: str = "iid"
     alpha: float = 0.5
-    participation: float = 1.0
+    participation: float = FedConfig.participation
     malicious: int = 1
     malicious_share: float = 0.1
     poison_fraction: float = 0.5
     target: int = 0
-    local_epochs: int = 5
-    batch_size: int = 16
-    lr: float = 0.1
+    local_epochs: int = FedConfig.local_epochs
+    batch_size: int = FedConfig.batch_size
+    lr: float = FedConfig.lr
     policy: str = "medu"
-    seed: int = 0
+    seed: int = FedConfig.seed
 
     def __post_init__(self) -> None:
         self.fed()  # validates the schedule
