@@ -48,8 +48,8 @@ class DemoConfig:
         Number of malicious users (ids ``0 .. malicious-1``).
     malicious_share : float
         Share of the training data the malicious users hold together (default 0.1: with
-        20 users, twice an honest user's share). With a 1/20 share the backdoor does not
-        take hold under FedAvg in this setting.
+        20 users, twice an honest user's share). With an even 1/20 share the backdoor
+        stays weak under FedAvg here (35% success with the other defaults, seed 0).
     poison_fraction : float
         Share of each malicious user's samples that get the trigger and the target label.
     target : int
