@@ -35,7 +35,8 @@ class TensorSpec:
 
 
 def _is_torch(obj: Any) -> bool:
-    return type(obj).__module__.startswith("torch")
+    # Through the MRO: models are user subclasses of nn.Module, defined outside torch.
+    return any(c.__module__.partition(".")[0] == "torch" for c in type(obj).__mro__)
 
 
 def _to_numpy(value: Any, what: str) -> np.ndarray:
@@ -119,6 +120,8 @@ class ModelLayout:
                 raise ValueError(
                     f"{what}: flat vector of {items[''].size} values, the model has {self.size}"
                 )
+            if items[""].dtype.kind not in "fiub":
+                raise TypeError(f"{what}: unsupported dtype {items[''].dtype} of the flat vector")
             vec = items[""].astype(dtype)
             _check_finite_vec(vec, self, what)
             return vec
@@ -154,11 +157,12 @@ class ModelLayout:
         for t in self.tensors:
             part = np.asarray(vec[t.offset : t.offset + t.size]).reshape(t.shape)
             dt = np.dtype(t.dtype)
-            arrays[t.name] = (np.rint(part) if dt.kind in "iub" else part).astype(dt)
+            # np.asarray: 0-d tensors (BatchNorm's step counter) must stay arrays, not scalars.
+            arrays[t.name] = np.asarray((np.rint(part) if dt.kind in "iub" else part).astype(dt))
         if out == "numpy":
             return arrays[""] if self.flat else arrays
         torch = _import_torch()
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        tensors = {name: torch.from_numpy(np.array(a, order="C")) for name, a in arrays.items()}
         return tensors[""] if self.flat else tensors
 
     # ------------------------------------------------------------------ JSON form

@@ -17,7 +17,7 @@ reader decodes without being told the configuration.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -76,7 +76,8 @@ class MeduPolicy:
     def __post_init__(self) -> None:
         if self.keep_top is not None and self.keep_fraction is not None:
             raise ValueError("MeduPolicy: give keep_top or keep_fraction, not both")
-        if self.keep_top is not None and (not isinstance(self.keep_top, int) or self.keep_top < 1):
+        if self.keep_top is not None and (isinstance(self.keep_top, bool) or not isinstance(
+                self.keep_top, int) or self.keep_top < 1):
             raise ValueError(f"MeduPolicy: keep_top must be an int >= 1, got {self.keep_top!r}")
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(
@@ -84,8 +85,9 @@ class MeduPolicy:
             )
         if not (math.isfinite(self.kappa) and self.kappa >= 0):
             raise ValueError(f"MeduPolicy: kappa must be finite and >= 0, got {self.kappa!r}")
-        if self.coord_threshold is not None and not self.coord_threshold >= 0:
-            raise ValueError("MeduPolicy: coord_threshold must be >= 0 or None")
+        if self.coord_threshold is not None and not (
+                math.isfinite(self.coord_threshold) and self.coord_threshold >= 0):
+            raise ValueError("MeduPolicy: coord_threshold must be finite and >= 0, or None")
         if self.lattice is not None:
             get_lattice(self.lattice)
             LatticeCodec(self.lattice, bits=self.bits)  # validates bits
@@ -138,6 +140,17 @@ class MeduPolicy:
             return None
         return _serializer(LatticeCodec(self.lattice, bits=self.aggregate_bits))
 
+    def _chunks(self, x: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
+        """Each chunk of ``x`` as its codec sees it, with the number of real values: zarr
+        pads a partial last chunk with the fill value (0) to the full chunk length."""
+        c = min(self.chunk_size, x.size)
+        for start in range(0, x.size, c):
+            part = np.asarray(x[start : start + c], dtype=np.float64)
+            n = part.size
+            if n < c:
+                part = np.concatenate([part, np.zeros(c - n)])
+            yield part, n
+
     def expected_error(self, d: np.ndarray) -> tuple[float, float, int]:
         """``(E||e||^2, ||zeroed||, survivors)`` of coding record ``d`` under this policy.
 
@@ -145,17 +158,18 @@ class MeduPolicy:
         record without decoding it later.
         """
         evar, zsq, surv = 0.0, 0.0, 0
-        for start in range(0, d.size, self.chunk_size):
-            part = np.asarray(d[start : start + self.chunk_size], dtype=np.float64)
+        for part, n in self._chunks(d):
             if self.coord_threshold is not None:
                 tau = DiffThresholdCodec(relative=self.coord_threshold).tau(part)
-                small = np.abs(part) <= tau
+                small = np.abs(part) <= tau  # the zero padding is always below tau
                 zsq += float(np.dot(part[small], part[small]))
                 part = part[~small]
-            surv += part.size
+                n = part.size
+            surv += n
             if self.lattice is not None and part.size:
+                # The padding is coded too (it sets the step) but its error is dropped.
                 codec = LatticeCodec(self.lattice, bits=self.bits)
-                evar += codec.error_variance(part) * part.size
+                evar += codec.error_variance(part) * n
         return evar, math.sqrt(zsq), surv
 
     def expected_aggregate_error(self, hbar: np.ndarray) -> float:
@@ -163,11 +177,7 @@ class MeduPolicy:
         if self.lattice is None or self.aggregate_bits is None or not self.keep_aggregates:
             return 0.0
         codec = LatticeCodec(self.lattice, bits=self.aggregate_bits)
-        total = 0.0
-        for start in range(0, hbar.size, self.chunk_size):
-            part = hbar[start : start + self.chunk_size]
-            total += codec.error_variance(part) * part.size
-        return total
+        return sum(codec.error_variance(part) * n for part, n in self._chunks(hbar))
 
     # ------------------------------------------------------------------ JSON form
 

@@ -133,8 +133,12 @@ def open_store(
     initial = layout.flatten(model, "model template", dtype=np.float64)
     pol = parse_policy(policy)
     try:
-        group = zarr.open_group(store_like, mode="w" if mode in ("w", "a") else "w-")
+        # Only "w" replaces: "a" must not wipe a foreign group or files found at the path.
+        group = zarr.open_group(store_like, mode="w" if mode == "w" else "w-")
     except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+        if mode == "a":
+            raise FileExistsError(f"{location!s} holds data that is not a medustore archive; "
+                                  "replace it with mode 'w'") from None
         raise FileExistsError(
             f"{location!s} already holds data; open it with mode 'r+' or 'a', or replace "
             "it with mode 'w'"
@@ -435,11 +439,11 @@ class UpdateStore:
         new_users = [u for u in users if u not in self._col]
         self._grow(row + 1, len(self._users) + len(new_users))
         if new_users:  # user table first: a crash leaves only unused columns behind
-            self._users.extend(new_users)
-            self._col.update({u: len(self._col) + i for i, u in enumerate(new_users)})
             meta = dict(self._group.attrs[_ATTR])
-            meta["users"] = list(self._users)
-            self._group.attrs[_ATTR] = meta
+            meta["users"] = [*self._users, *new_users]
+            self._group.attrs[_ATTR] = meta  # on disk before in memory: a failed write
+            self._users.extend(new_users)  # must not leave columns the archive lacks
+            self._col.update({u: len(self._col) + i for i, u in enumerate(new_users)})
         cols = np.array([self._col[u] for u in users])
         order = np.argsort(cols)
         cols, keep, dnorm, p = cols[order], keep[order], dnorm[order], p[order]
@@ -487,11 +491,11 @@ class UpdateStore:
             a["initial"][:] = w_before
         a["model"][row, :] = w_before + hbar
         a["committed"][row] = t  # the commit point
-        if row:
-            a["model"][row - 1, :] = 0.0  # all-fill chunks are deleted: one model copy
-        self._nrows = row + 1
+        self._nrows = row + 1  # committed: memory follows, whatever the cleanup below does
         self._round_of_row = np.append(self._round_of_row, t)
         self._row_of_round[t] = row
+        if row:
+            a["model"][row - 1, :] = 0.0  # all-fill chunks are deleted: one model copy
         return RoundSummary(t, len(users), int(keep.sum()), int(nbytes_row.sum()))
 
     def _grow(self, rows: int, users: int) -> None:
@@ -499,26 +503,29 @@ class UpdateStore:
         shape = a["weight"].shape
         R = max(shape[0], math.ceil(rows / _GROW) * _GROW) if rows > shape[0] else shape[0]
         U = max(shape[1], math.ceil(users / _GROW) * _GROW) if users > shape[1] else shape[1]
-        if (R, U) == shape:
-            return
         m = self.layout.size
-        for name in ("weight", "stored", "dnorm", "znorm", "evar", "nbytes"):
-            a[name].resize((R, U))
-        a["updates"].resize((R, U, m))
-        a["aggregate"].resize((R, m))
-        a["agg_evar"].resize((R,))
-        a["anorm"].resize((R,))
-        a["committed"].resize((R,))
-        a["model"].resize((R, m))
+        targets = {name: (R, U) for name in ("weight", "stored", "dnorm", "znorm", "evar",
+                                             "nbytes")}  # "weight" first: it sets R, U
+        targets.update(updates=(R, U, m), aggregate=(R, m), agg_evar=(R,), anorm=(R,),
+                       committed=(R,), model=(R, m))
         if self.has_accumulators:
-            a["acc"].resize((U, 2, m))
-            a["acc_row"].resize((U, 2))
+            targets.update(acc=(U, 2, m), acc_row=(U, 2))
+        # Each array on its own: an interrupted grow leaves the arrays in different shapes.
+        for name, target in targets.items():
+            if a[name].shape != target:
+                a[name].resize(tuple(max(x, y) for x, y in zip(a[name].shape, target,
+                                                                strict=True)))
 
     def _clear_stale_row(self, row: int, stored_row: np.ndarray) -> None:
-        """Delete record chunks an interrupted attempt left in ``row``."""
+        """Delete record chunks an interrupted attempt left in ``row``, and forget the
+        accumulator slots it filled (they would pass for this row's once it commits)."""
         stale = self._a["stored"][row, : stored_row.size]
         for col in np.flatnonzero((stale == 1) & (stored_row == 0)):
             self._a["updates"][row, int(col), :] = 0.0  # all-fill chunks are deleted
+        if self.has_accumulators:
+            marks = self._a["acc_row"][: stored_row.size, :]
+            for col in np.flatnonzero((marks == row).any(axis=1)):
+                self._a["acc_row"][int(col), :] = np.where(marks[col] == row, -1, marks[col])
 
     def _chunk_bytes(self, name: str, prefix: tuple[int, ...]) -> int:
         arr = self._a[name]
