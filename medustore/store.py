@@ -19,7 +19,7 @@ Layout (format 1; ``R`` rows = recorded rounds, ``U`` user columns, ``m`` parame
       acc, acc_row             exact per-user accumulators (optional, double-buffered)
 
 A round is written in this order: side arrays, records, aggregate, model, and last the
-``committed`` entry of its row (a one-value chunk); then the previous row's model is
+``committed`` entry of its row; then the previous row's model is
 deleted. A round interrupted at any point is therefore invisible after reopening, and the
 next `record_round` reuses its row.
 Every lossy chunk is written whole, exactly once per attempt.
@@ -47,7 +47,10 @@ __all__ = ["FORMAT_VERSION", "UpdateStore", "open_store"]
 FORMAT_VERSION = 1
 _ATTR = "medustore"
 _GROW = 16  # rows / user columns added per resize: resizes rewrite array metadata
-_SIDE_CHUNK = 256
+# Side arrays: 64 rows x 256 users per chunk. A round rewrites the chunk holding its row;
+# zarr stores write a chunk as one object (temp file + rename locally, one PUT on object
+# stores), so a rewrite is atomic and a crash leaves the committed rows as they were.
+_SIDE_ROWS, _SIDE_USERS = 64, 256
 _LOSSLESS = (zarr.codecs.ZstdCodec(level=1),)
 
 Mode = Literal["r", "r+", "a", "w", "w-"]
@@ -159,7 +162,7 @@ class UpdateStore:
                 initial: np.ndarray, accumulators: bool) -> UpdateStore:
         m = layout.size
         c = min(policy.chunk_size, m)
-        side = {"chunks": (1, _SIDE_CHUNK), "compressors": _LOSSLESS}
+        side = {"chunks": (_SIDE_ROWS, _SIDE_USERS), "compressors": _LOSSLESS}
         group.create_array("updates", shape=(0, 0, m), chunks=(1, 1, c), dtype="f4",
                            fill_value=0.0, **_codec_args(policy.record_serializer()))
         group.create_array("aggregate", shape=(0, m), chunks=(1, c), dtype="f4",
@@ -170,9 +173,9 @@ class UpdateStore:
             group.create_array(name, shape=(0, 0), dtype="f8", fill_value=0.0, **side)
         group.create_array("nbytes", shape=(0, 0), dtype="i8", fill_value=0, **side)
         for name in ("agg_evar", "anorm"):
-            group.create_array(name, shape=(0,), chunks=(1,), dtype="f8", fill_value=0.0,
-                               compressors=None)
-        group.create_array("committed", shape=(0,), chunks=(1,), dtype="i8", fill_value=-1,
+            group.create_array(name, shape=(0,), chunks=(_SIDE_ROWS,), dtype="f8",
+                               fill_value=0.0, compressors=_LOSSLESS)
+        group.create_array("committed", shape=(0,), chunks=(_SIDE_ROWS,), dtype="i8", fill_value=-1,
                            compressors=None)
         # The model is kept in its own precision: float32 models gain nothing from f8.
         model_dtype = "f8" if any(t.dtype == "<f8" for t in layout.tensors) else "f4"
