@@ -13,6 +13,7 @@ participant); they are decoded by a bounded pool of workers and accumulated in f
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 from collections import deque
@@ -117,10 +118,15 @@ class _Plan:
     budget: ErrorBudget
 
 
+def _user_list(users: Any) -> list[Any]:
+    """One user id or an iterable of them, as a list."""
+    if isinstance(users, str | numbers.Integral) or not isinstance(users, Iterable):
+        return [users]
+    return list(users)
+
+
 def _plan(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> _Plan:
-    if isinstance(users, str | int) or not isinstance(users, Iterable):
-        users = [users]
-    cols = sorted({store._column(u) for u in users})
+    cols = sorted({store._column(u) for u in _user_list(users)})
     if not cols:
         raise ValueError("name at least one user to remove")
     if not (math.isfinite(alpha) and alpha >= 0):
@@ -217,15 +223,14 @@ def unlearn(store: UpdateStore, users: Any, *, rounds: Any = None, alpha: float 
         replay by at most `error_budget(...).deterministic` (plus the lattice noise).
     """
     plan = _plan(store, users, rounds, alpha)
-    single = (not isinstance(users, str | int) and isinstance(users, Iterable)
-              and len(set(users)) == 1) or isinstance(users, str | int)
-    can_acc = store.has_accumulators and single and rounds is None and alpha == 0.0
+    cols = {store._column(u) for u in _user_list(users)}
+    can_acc = store.has_accumulators and len(cols) == 1 and rounds is None and alpha == 0.0
     if exact_accumulator and not can_acc:
         raise ValueError("the exact accumulator answers single-user removal over all rounds "
                          "with alpha 0, from an archive created with accumulators=True")
     latest = store._latest_vec().astype(np.float64)
     if can_acc and exact_accumulator is not False:
-        user = users if isinstance(users, str | int) else next(iter(users))
+        user = store.users[cols.pop()]
         return store.layout.unflatten(latest - store.accumulator(user), out)
     # Only the replay misses dropped records: the exact accumulator does not need them.
     if plan.budget.records_missing:

@@ -119,6 +119,9 @@ def open_store(
             group = zarr.open_group(store_like, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise NotAnArchiveError(f"no medustore archive at {location!s}") from err
+        except zarr.errors.ContainsArrayError as err:
+            raise NotAnArchiveError(
+                f"{location!s} is a zarr array, not a medustore archive") from err
         return UpdateStore(group, read_only=mode == "r")
     if mode == "a":
         try:
