@@ -176,9 +176,10 @@ def slab_blocks(dim: int) -> int:
 class _Scratch(threading.local):
     """Per-thread reusable buffers for the slab loops, by name.
 
-    Fresh temporaries of a few hundred KB are mmap'd and returned to the OS by glibc's
-    allocator on every call; the page faults of touching them again cost more than the
-    arithmetic (measured 2-3x slower decoding). A few MB per thread that codes chunks.
+    Fresh temporaries of a few hundred KB can be mmap'd and handed back to the OS by the
+    allocator on every call; the page faults of touching them again can cost more than
+    the arithmetic (A2 decoding of a 2**20-value chunk took ~1.4x longer with ~2,500
+    faults per call). A few MB per thread that codes chunks.
     """
 
     def __init__(self) -> None:
