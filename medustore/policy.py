@@ -57,6 +57,9 @@ class MeduPolicy:
         there); `reconstruct` needs it always.
     chunk_size
         Parameters per chunk: records of larger models are split along the model.
+    seed
+        Key of content-derived dither seeds (``LatticeCodec(key=...)``): the same run
+        recorded twice gives the same bytes. None draws fresh seeds.
     name
         The preset this policy came from, for display.
     """
@@ -71,6 +74,7 @@ class MeduPolicy:
     aggregate_bits: float | None = None
     keep_aggregates: bool = True
     chunk_size: int = 2**20
+    seed: int | None = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -95,6 +99,9 @@ class MeduPolicy:
                 LatticeCodec(self.lattice, bits=self.aggregate_bits)
         if not (isinstance(self.chunk_size, int) and self.chunk_size >= 64):
             raise ValueError(f"MeduPolicy: chunk_size must be an int >= 64, got {self.chunk_size}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, int) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"MeduPolicy: seed must be an int in [0, 2**64), got {self.seed!r}")
         object.__setattr__(self, "always_keep", tuple(self.always_keep))
 
     # ------------------------------------------------------------------ stage 1 + 2a
@@ -125,7 +132,8 @@ class MeduPolicy:
 
     def record_serializer(self) -> dict | None:
         """zarr v3 serializer of record chunks (None: lossless float32 bytes + zstd)."""
-        inner = None if self.lattice is None else LatticeCodec(self.lattice, bits=self.bits)
+        inner = None if self.lattice is None else LatticeCodec(self.lattice, bits=self.bits,
+                                                               key=self.seed)
         if self.coord_threshold is not None:
             codec = DiffThresholdCodec(relative=self.coord_threshold, inner=inner)
         elif inner is not None:
@@ -138,7 +146,7 @@ class MeduPolicy:
         """zarr v3 serializer of aggregate chunks (None: lossless)."""
         if self.lattice is None or self.aggregate_bits is None:
             return None
-        return _serializer(LatticeCodec(self.lattice, bits=self.aggregate_bits))
+        return _serializer(LatticeCodec(self.lattice, bits=self.aggregate_bits, key=self.seed))
 
     def _chunks(self, x: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
         """Each chunk of ``x`` as its codec sees it, with the number of real values: zarr
@@ -241,8 +249,8 @@ def _serializer(codec: Any) -> dict:
 PRESETS: dict[str, MeduPolicy] = {
     "full": MeduPolicy(name="full"),
     "lattice": MeduPolicy(lattice="E8", bits=4.0, aggregate_bits=8.0, name="lattice"),
-    "medu": MeduPolicy(keep_fraction=0.25, coord_threshold=0.5, lattice="E8", bits=2.0,
-                       aggregate_bits=6.0, name="medu"),
+    "medu": MeduPolicy(keep_fraction=0.05, coord_threshold=0.0, lattice="Z", bits=1.5,
+                       aggregate_bits=0.5, name="medu"),
 }
 
 

@@ -51,7 +51,9 @@ _GROW = 16  # rows / user columns added per resize: resizes rewrite array metada
 # zarr stores write a chunk as one object (temp file + rename locally, one PUT on object
 # stores), so a rewrite is atomic and a crash leaves the committed rows as they were.
 _SIDE_ROWS, _SIDE_USERS = 64, 256
-_LOSSLESS = (zarr.codecs.ZstdCodec(level=1),)
+# Lossless arrays carry zstd's content checksum: a damaged chunk fails to decode instead of
+# decoding to different numbers (the lossy codecs have their own CRC).
+_LOSSLESS = (zarr.codecs.ZstdCodec(level=1, checksum=True),)
 
 Mode = Literal["r", "r+", "a", "w", "w-"]
 UserId = int | str
@@ -178,8 +180,8 @@ class UpdateStore:
         for name in ("agg_evar", "anorm"):
             group.create_array(name, shape=(0,), chunks=(_SIDE_ROWS,), dtype="f8",
                                fill_value=0.0, compressors=_LOSSLESS)
-        group.create_array("committed", shape=(0,), chunks=(_SIDE_ROWS,), dtype="i8", fill_value=-1,
-                           compressors=None)
+        group.create_array("committed", shape=(0,), chunks=(_SIDE_ROWS,), dtype="i8",
+                           fill_value=-1, compressors=_LOSSLESS)
         # The model is kept in its own precision: float32 models gain nothing from f8.
         model_dtype = "f8" if any(t.dtype == "<f8" for t in layout.tensors) else "f4"
         group.create_array("initial", shape=(m,), chunks=(c,), dtype=model_dtype,
@@ -191,7 +193,7 @@ class UpdateStore:
             group.create_array("acc", shape=(0, 2, m), chunks=(1, 1, c), dtype="f8",
                                fill_value=0.0, compressors=_LOSSLESS)
             group.create_array("acc_row", shape=(0, 2), chunks=(1, 2), dtype="i8",
-                               fill_value=-1, compressors=None)
+                               fill_value=-1, compressors=_LOSSLESS)
         group.attrs[_ATTR] = {
             "format": FORMAT_VERSION,
             "layout": layout.to_json(),

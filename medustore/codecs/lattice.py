@@ -29,6 +29,7 @@ Chunk format, version 1 (little-endian)::
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import struct
 
@@ -160,6 +161,11 @@ class LatticeCodec(Codec):
         Fixed 64-bit dither seed, for reproducible encodings (tests, fixtures). By default
         each chunk draws a fresh seed, which is what makes errors of different chunks
         independent.
+    key : int, optional
+        Derive each chunk's seed from its contents, ``BLAKE2b(chunk bytes, key=key)``
+        (ours): encodings are reproducible run to run, and different chunks still get
+        unrelated dithers (the keyed hash acts as a random function of the data). Ignored
+        when ``seed`` is given.
 
     Notes
     -----
@@ -175,6 +181,7 @@ class LatticeCodec(Codec):
         bits: float | None = None,
         step: float | None = None,
         seed: int | None = None,
+        key: int | None = None,
     ) -> None:
         self._lattice = get_lattice(lattice)
         self.lattice = self._lattice.name
@@ -193,15 +200,21 @@ class LatticeCodec(Codec):
             step = float(step)
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
             raise ValueError(f"LatticeCodec `seed` must be an int in [0, 2**64), got {seed!r}")
+        if key is not None and not (isinstance(key, int) and 0 <= key < 2**64):
+            raise ValueError(f"LatticeCodec `key` must be an int in [0, 2**64), got {key!r}")
         self.bits = bits
         self.step = step
         self.seed = seed
+        self.key = key
 
     # ------------------------------------------------------------------ config
 
     def get_config(self) -> dict:
-        return {"id": self.codec_id, "lattice": self.lattice, "bits": self.bits,
-                "step": self.step, "seed": self.seed}
+        config = {"id": self.codec_id, "lattice": self.lattice, "bits": self.bits,
+                  "step": self.step, "seed": self.seed}
+        if self.key is not None:  # absent unless used: older configs stay byte-identical
+            config["key"] = self.key
+        return config
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")
@@ -227,6 +240,15 @@ class LatticeCodec(Codec):
 
     # ------------------------------------------------------------------ encode
 
+    def _seed(self, x: np.ndarray) -> int:
+        if self.seed is not None:
+            return self.seed
+        if self.key is not None:
+            digest = hashlib.blake2b(x.tobytes(), digest_size=8,
+                                     key=self.key.to_bytes(8, "little")).digest()
+            return int.from_bytes(digest, "little")
+        return secrets.randbits(64)
+
     def encode(self, buf: object) -> bytes:
         x = as_float_array(buf, "LatticeCodec")
         check_finite(x, "LatticeCodec")
@@ -236,7 +258,7 @@ class LatticeCodec(Codec):
             s = _rms(x, peak) * _SQRT_2PIE * 2.0 ** -self.bits
         else:
             s = self.step
-        seed = self.seed if self.seed is not None else secrets.randbits(64)
+        seed = self._seed(x)
         dtype_code = DTYPE_CODES[x.dtype]
         if s == 0.0 or x.size == 0:  # all zeros (relative mode): nothing to code
             return frame(_MAGIC + bytes([_VERSION]),
@@ -256,7 +278,9 @@ class LatticeCodec(Codec):
             y[: x.size] = x
             y = y.reshape(blocks, lat.dim) / t
             k = lat.to_index(lat.closest(y + dither(seed, blocks, lat)))
-            width = 4 if peak_y < 2**30 else 8
+            # The width follows the indices themselves: A2's and E8's first index is
+            # 2 v0, twice the magnitude of the data.
+            width = 4 if -(2**31) <= k.min() and k.max() < 2**31 else 8
             streams = _split_streams(k.astype(np.int32 if width == 4 else np.int64), lat)
         payloads = [standalone.simple_compress(st, _PCO) for st in streams]
         header = _HEAD.pack(lat.code, dtype_code, _MODE_CODED, x.size, s, seed, width,
@@ -308,11 +332,24 @@ class LatticeCodec(Codec):
                 np.subtract(v, u, out=u)
                 lo = b0 * lat.dim
                 hi = min(lo + nb * lat.dim, count)
-                np.multiply(u.reshape(-1)[: hi - lo], t, out=xhat[lo:hi])  # rounds like astype
+                with np.errstate(over="ignore"):  # values past the dtype: saturated below
+                    np.multiply(u.reshape(-1)[: hi - lo], t, out=xhat[lo:hi])  # as astype
             cur.check_consumed()
         except ValueError as err:
             raise ValueError(f"LatticeCodec: {err}") from None
+        _saturate(xhat)
         return out if direct else _deliver(xhat, out)
+
+
+def _saturate(xhat: np.ndarray) -> None:
+    """Clamp reconstructions that overflowed the dtype to its largest finite value.
+
+    Data near the dtype's maximum can reconstruct a little beyond it; the input was finite
+    and within range, so the clamped value is at least as close to it as the overflow.
+    """
+    if not np.isfinite(xhat).all():
+        big = np.finfo(xhat.dtype).max
+        np.nan_to_num(xhat, copy=False, nan=0.0, posinf=big, neginf=-big)
 
 
 def _index_streams(x: np.ndarray, t: float, seed: int, lat: Lattice) -> list[np.ndarray]:

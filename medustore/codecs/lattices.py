@@ -538,7 +538,13 @@ class Lattice:
 
     def to_index(self, v: np.ndarray) -> np.ndarray:
         """Integer index ``(N, dim)`` of lattice points ``v``."""
-        return np.floor(v / self.widths + 1e-6).astype(np.int64)
+        k = np.floor(v / self.widths + 1e-6).astype(np.int64)
+        if self.name == "A2":
+            # v1 = (k1 + c/2) sqrt3 is not a dyadic multiple of its width: dividing rounds,
+            # and past |v1| ~ 2**35 the 1e-6 margin no longer absorbs it. Round instead.
+            c = k[:, 0] & 1
+            k[:, 1] = np.rint(v[:, 1] / _SQRT3 - 0.5 * c).astype(np.int64)
+        return k
 
     def from_index(self, k: np.ndarray) -> np.ndarray:
         """Lattice points ``(N, dim)`` of integer indices ``k``; inverse of `to_index`."""
