@@ -199,7 +199,8 @@ class MeduPolicy:
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"archive policy has unknown fields {sorted(unknown)}; upgrade medustore")
+            raise ValueError(
+                f"archive policy has unknown fields {sorted(unknown)}; upgrade medustore")
         data = dict(data)
         data["always_keep"] = tuple(data.get("always_keep", ()))
         return cls(**data)
@@ -264,6 +265,8 @@ def parse_policy(policy: str | MeduPolicy | dict | None) -> MeduPolicy:
         return MeduPolicy.from_json(policy)
     if isinstance(policy, str):
         if policy not in PRESETS:
-            raise ValueError(f"unknown policy preset {policy!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(
+                f"unknown policy preset {policy!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[policy]
-    raise TypeError(f"policy must be a preset name, a MeduPolicy or a dict, got {type(policy).__name__}")
+    raise TypeError(
+        f"policy must be a preset name, a MeduPolicy or a dict, got {type(policy).__name__}")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from medustore.layout import OutputKind
 
 if TYPE_CHECKING:
-    from medustore.store import UpdateStore, UserId
+    from medustore.store import UpdateStore
 
 __all__ = ["ErrorBudget", "IncompleteUnlearningWarning", "error_budget", "parse_window",
            "reconstruct", "unlearn"]

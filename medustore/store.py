@@ -206,7 +206,8 @@ class UpdateStore:
     def __init__(self, group: zarr.Group, *, read_only: bool) -> None:
         meta = group.attrs.get(_ATTR)
         if not isinstance(meta, dict):
-            raise NotAnArchiveError(f"{group.store_path} is a zarr group but not a medustore archive")
+            raise NotAnArchiveError(
+                f"{group.store_path} is a zarr group but not a medustore archive")
         version = meta.get("format")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise NotAnArchiveError(
@@ -275,7 +276,8 @@ class UpdateStore:
     def _column(self, user: Any) -> int:
         u = _user_id(user)
         if u not in self._col:
-            known = ", ".join(map(repr, self._users[:10])) + (" ..." if len(self._users) > 10 else "")
+            more = " ..." if len(self._users) > 10 else ""
+            known = ", ".join(map(repr, self._users[:10])) + more
             raise UnknownUserError(f"user {u!r} is not in this archive (users: {known or 'none'})")
         return self._col[u]
 
