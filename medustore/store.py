@@ -75,6 +75,9 @@ def _resolve_location(location: Any, mode: Mode) -> Any:
     """A zarr StoreLike for a path, URL or store object."""
     if isinstance(location, Path):
         return str(location)
+    if isinstance(location, str) and location.startswith("file://"):
+        # zarr's local store (atomic writes, creates folders) rather than fsspec's.
+        return location[len("file://"):]
     if isinstance(location, str) and location.startswith("zip://"):
         if mode != "r":
             raise ValueError(

@@ -433,3 +433,31 @@ def test_torch_models_round_trip(tmp_path: Path, template: str) -> None:
             assert torch.allclose(got[k].double(), w[k], rtol=1e-5, atol=1e-6), k
         else:
             assert torch.equal(got[k], v), k
+
+
+# ---------------------------------------------------------------- locations
+
+
+def _small_run(location: str) -> np.ndarray:
+    rng = np.random.default_rng(21)
+    with medustore.open(location, "w", model=np.zeros(64, np.float32), policy="full") as s:
+        for t in range(3):
+            s.record_round(t, {u: rng.normal(size=64).astype(np.float32) for u in (1, 2, 3)})
+        return s.unlearn(2, out="flat")
+
+
+def test_file_and_memory_urls(tmp_path) -> None:
+    for location in (f"file://{tmp_path}/run.zarr", "memory://locations/run.zarr"):
+        expected = _small_run(location)
+        with medustore.open(location) as store:
+            assert store.rounds == [0, 1, 2]
+            np.testing.assert_array_equal(store.unlearn(2, out="flat"), expected)
+
+
+def test_zip_archive_is_read_only(tmp_path) -> None:
+    expected = _small_run(str(tmp_path / "run.zarr"))
+    zipped = shutil.make_archive(str(tmp_path / "run"), "zip", tmp_path / "run.zarr")
+    with medustore.open(f"zip://{zipped}") as store:
+        np.testing.assert_array_equal(store.unlearn(2, out="flat"), expected)
+    with pytest.raises(ValueError, match="read-only"):
+        medustore.open(f"zip://{zipped}", "r+")
