@@ -246,7 +246,20 @@ def _serializer(codec: Any) -> dict:
 
 #: Named presets. ``full`` is the uncompressed reference (what peers store); ``lattice``
 #: keeps every record, lattice-coded; ``medu`` applies the whole hierarchy with defaults
-#: measured on the demo setting (docs/results.md).
+#: measured on the demo setting (docs/results.md: 4810 parameters, 20 users, 30 rounds):
+#: - the top 5% of users per round by ``p_u ||d||`` (1 of 20): the malicious user in every
+#:   round of the IID demo, but in only 18 of 30 rounds of a Dirichlet(0.5) split, where
+#:   ``keep_fraction=0.1`` keeps it in all (78x instead of 103x); the error budget reports
+#:   the missed rounds before unlearning;
+#: - coordinates: only exact zeros dropped (thresholds of 0.25-1 rms add more error than
+#:   the bytes they save are worth);
+#: - Z lattice at 1.5 bits: pcodec spends ~22 bytes per coded stream and A2/E8 code 3/17
+#:   streams per chunk, more than their lower error is worth on small models (2 bits:
+#:   Z 2.33, A2 2.56, E8 3.61 bits per parameter on the demo);
+#: - aggregates at 0.5 bit, kept for `reconstruct` and all-removed rounds: dithered
+#:   indices cost ~0.85 KB a round here whatever the resolution below 1 bit.
+#: The demo's archive is then 103x smaller than float32 history, and unlearning from it
+#: lands 0.20 (L2) from unlearning from ``full``, which is 1.28 from retraining.
 PRESETS: dict[str, MeduPolicy] = {
     "full": MeduPolicy(name="full"),
     "lattice": MeduPolicy(lattice="E8", bits=4.0, aggregate_bits=8.0, name="lattice"),

@@ -192,6 +192,61 @@ def test_excluded_users_leave_the_others_streams_alone(
         fedavg(make_model(seed=2), users, SMALL, exclude=[99], progress=False)
 
 
+def test_fedavg_continues_a_run_from_first_round(digits: tuple[Dataset, Dataset]) -> None:
+    users = _small_users(digits)
+    whole = fedavg(make_model(seed=2), users, SMALL, progress=False)
+    head = fedavg(make_model(seed=2), users, dataclasses.replace(SMALL, rounds=2),
+                  progress=False)
+    start = make_model(seed=2)
+    start.load_state_dict(head)
+    seen = []
+    tail = fedavg(start, users, dataclasses.replace(SMALL, rounds=1), progress=False,
+                  first_round=2, on_round=lambda t, updates, weights: seen.append(t))
+    assert seen == [2]
+    assert _equal(whole, tail)
+    with pytest.raises(ValueError, match="first_round"):
+        fedavg(start, users, SMALL, progress=False, first_round=-1)
+
+
+def test_recover_continues_the_schedule_without_the_excluded(
+        digits: tuple[Dataset, Dataset]) -> None:
+    from medustore.demo.run import DemoConfig, recover
+
+    users = _small_users(digits)
+    config = DemoConfig(users=4, rounds=2, local_epochs=1, seed=11, recovery_rounds=1)
+    fed = config.fed()
+    retrain = fedavg(make_model(seed=2), users, fed, exclude=[0], progress=False)
+    longer = fedavg(make_model(seed=2), users, dataclasses.replace(fed, rounds=3),
+                    exclude=[0], progress=False)
+    model = make_model(seed=5)  # architecture only
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Recovering the retrained model is retraining for rounds + recovery_rounds rounds.
+    assert _equal(recover(model, retrain, users, config, exclude=[0]), longer)
+    assert _equal(model.state_dict(), before)
+    none = recover(model, retrain, users, dataclasses.replace(config, recovery_rounds=0), [0])
+    assert _equal(none, retrain) and none["1.weight"] is not retrain["1.weight"]
+
+
+def test_gap_note_explains_the_closed_form_gap() -> None:
+    from medustore.demo.run import gap_note
+
+    def summary(full: float, retrain: float, k: int = 0) -> dict:
+        models = {"unlearned_full": {"clean_accuracy": full, "backdoor_success": 0.0},
+                  "retrain": {"clean_accuracy": retrain, "backdoor_success": 0.0}}
+        if k:
+            models["unlearned_full_recovered"] = {"clean_accuracy": 0.949}
+            models["retrain_recovered"] = {"clean_accuracy": 0.958}
+        return {"config": {"recovery_rounds": k}, "models": models}
+
+    assert gap_note(summary(0.95, 0.955)) is None  # within 1 point
+    note = gap_note(summary(0.813, 0.956))
+    assert note is not None and "14.3 points below retraining" in note
+    assert "not from compression" in note and note.count(". ") == 0
+    with_k = gap_note(summary(0.813, 0.956, k=2))
+    assert "2 recovery rounds" in with_k and "94.9%" in with_k and "95.8%" in with_k
+    assert "above retraining" in gap_note(summary(0.97, 0.95))
+
+
 def test_partial_participation_is_seeded() -> None:
     config = FedConfig(participation=0.25, seed=4)
     drawn = [participants(20, t, config) for t in range(5)]
@@ -223,6 +278,8 @@ def test_backdoor_success_ignores_the_target_class(digits: tuple[Dataset, Datase
 SMALL_DEMO = ["--users", "4", "--rounds", "3", "--malicious-share", "0.3",
               "--local-epochs", "3", "--seed", "1"]
 MODEL_KEYS = {"poisoned", "retrain", "unlearned_full", "unlearned_compressed"}
+#: With recovery rounds (the default 2): each model after them.
+RECOVERED_KEYS = {f"{k}_recovered" for k in MODEL_KEYS}
 
 
 def _demo(*args: str) -> tuple[int, str, str]:
@@ -245,9 +302,11 @@ def demo_json(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 def test_demo_json_summary(demo_json: tuple[dict, Path]) -> None:
     summary, out = demo_json
     assert {"config", "parameters", "malicious_users", "models", "storage", "error",
-            "seconds", "out"} <= summary.keys()
+            "note", "seconds", "out"} <= summary.keys()
     assert summary["config"]["policy"] == "medu" and summary["malicious_users"] == [0]
-    assert summary["models"].keys() == MODEL_KEYS
+    assert summary["config"]["recovery_rounds"] == 2
+    assert summary["models"].keys() == MODEL_KEYS | RECOVERED_KEYS
+    assert summary["note"] is None or "points" in summary["note"]
     for metrics in summary["models"].values():
         assert metrics.keys() == {"clean_accuracy", "backdoor_success"}
     storage = summary["storage"]
@@ -289,12 +348,55 @@ def test_demo_is_reproducible(demo_json: tuple[dict, Path]) -> None:
     assert again["out"] is None
 
 
+def test_demo_recovery_rows_continue_the_schedule(demo_json: tuple[dict, Path]) -> None:
+    models = demo_json[0]["models"]
+    # The malicious user stays out of the recovery rounds: no model regains the backdoor
+    # it lost, and the retrained one stays clean.
+    assert models["retrain_recovered"]["backdoor_success"] < 0.1
+    assert (models["unlearned_full_recovered"]["backdoor_success"]
+            < models["poisoned"]["backdoor_success"])
+
+
+def test_demo_without_recovery_rounds_keeps_the_original_keys() -> None:
+    code, stdout, _ = _demo(*SMALL_DEMO, "--json", "--policy", "full", "--recovery-rounds", "0")
+    assert code == 0, stdout
+    summary = json.loads(stdout)
+    assert summary["models"].keys() == MODEL_KEYS
+    assert summary["config"]["recovery_rounds"] == 0
+
+
 def test_demo_prints_a_table() -> None:
-    code, stdout, _ = _demo(*SMALL_DEMO, "--policy", "full")
+    code, stdout, _ = _demo(*SMALL_DEMO, "--policy", "full", "--recovery-rounds", "1")
     assert code == 0, stdout
     for label in ("poisoned (w_T)", "retrain from scratch", "unlearned from full",
+                  "retrain + 1 recovery round", "unlearned from full + 1 recovery round",
+                  "poisoned + 1 recovery round (no unlearning)",
                   "peers (float32 lists)", "measured"):
         assert label in stdout
+
+
+def test_format_summary_prints_the_gap_note() -> None:
+    from medustore.cli.demo import format_summary
+
+    metrics = {"clean_accuracy": 0.9, "backdoor_success": 0.0}
+    summary = {
+        "config": {"policy": "medu", "users": 20, "malicious": 1, "target": 0,
+                   "split": "iid", "rounds": 30, "participation": 1.0, "seed": 0},
+        "parameters": 4810,
+        "models": {k: metrics for k in MODEL_KEYS},
+        "storage": {"peers_float32_bytes": 1000, "full_bytes": 900, "compressed_bytes": 10,
+                    "compression_ratio": 100.0, "records": 600,
+                    "records_stored": {"full": 600, "compressed": 30}, "policy": "medu: ..."},
+        "error": {"predicted": {"deterministic": 0.0, "rms": 0.1, "bound_3sigma": 0.3},
+                  "measured_l2": 0.1, "full_vs_retrain_l2": 1.0, "poisoned_vs_retrain_l2": 2.0},
+        "note": "Unlearning from the full archive is 14.2 points below retraining.",
+        "seconds": 1.0, "out": None,
+    }
+    text = format_summary(summary)
+    assert "14.2 points below retraining" in text
+    assert "recovery" not in text  # a summary without recovery rounds (or an older one)
+    del summary["note"]
+    assert "points below" not in format_summary(summary)
 
 
 def test_demo_command_defaults_are_the_config_defaults() -> None:
@@ -309,3 +411,13 @@ def test_demo_command_defaults_are_the_config_defaults() -> None:
 def test_demo_rejects_bad_options() -> None:
     code, stdout, stderr = _demo("--users", "3", "--malicious", "3")
     assert code == 2 and "malicious" in stderr and stdout == ""
+    code, stdout, stderr = _demo("--recovery-rounds", "-1")
+    assert code == 2 and "recovery-rounds" in stderr and stdout == ""
+
+
+def test_demo_config_rejects_bad_recovery_rounds() -> None:
+    from medustore.demo.run import DemoConfig
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="recovery_rounds"):
+            DemoConfig(recovery_rounds=bad)

@@ -119,6 +119,7 @@ def fedavg(
     exclude: Collection[Hashable] = (),
     progress: bool | None = None,
     desc: str = "FedAvg",
+    first_round: int = 0,
 ) -> State:
     """Run FedAvg from the weights of ``model``; return the final global weights ``w_T``.
 
@@ -142,6 +143,11 @@ def fedavg(
         Show a progress bar on stderr; ``None``: only when stderr is a terminal.
     desc : str
         Label of the progress bar.
+    first_round : int
+        Number of the first round: the run is rounds ``first_round .. first_round +
+        config.rounds - 1``, with their participants and batch orders. A run that starts
+        from the weights another run ended with (``model`` holding them) and ``first_round``
+        set to that run's length continues it exactly as a longer run would have.
 
     Returns
     -------
@@ -155,7 +161,10 @@ def fedavg(
     workspace = copy.deepcopy(model)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     disable = None if progress is None else not progress
-    for t in tqdm(range(config.rounds), desc=desc, unit="round", disable=disable, leave=False):
+    if first_round < 0:
+        raise ValueError(f"first_round must be >= 0, got {first_round}")
+    rounds = range(first_round, first_round + config.rounds)
+    for t in tqdm(rounds, desc=desc, unit="round", disable=disable, leave=False):
         updates: dict[Hashable, State] = {}
         weights: dict[Hashable, float] = {}
         for i in participants(len(ids), t, config):
