@@ -59,6 +59,9 @@ class ErrorBudget:
         Rounds in which at least one removed user took part.
     missing
         ``(round, user)`` of every participation whose record was not stored.
+    method
+        ``"replay"`` (the closed form over stored records) or ``"accumulator"`` (the exact
+        per-user accumulator, which needs no record).
     """
 
     deterministic: float
@@ -67,6 +70,7 @@ class ErrorBudget:
     records_missing: int
     rounds: int
     missing: tuple[tuple[int, Any], ...] = field(default=(), repr=False)
+    method: str = "replay"
 
     def bound(self, k: float = 3.0) -> float:
         """``deterministic + k * rms``: a high-probability bound on the L2 error."""
@@ -81,7 +85,7 @@ class ErrorBudget:
         return {"deterministic": self.deterministic, "rms": self.rms,
                 "bound_3sigma": self.bound(3.0), "records_used": self.records_used,
                 "records_missing": self.records_missing, "rounds": self.rounds,
-                "exact": self.exact}
+                "exact": self.exact, "method": self.method}
 
 
 def parse_window(rounds: Any) -> tuple[int | None, int | None]:
@@ -184,9 +188,22 @@ def _plan(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> _Plan:
 
 
 def error_budget(store: UpdateStore, users: Any, *, rounds: Any = None,
-                 alpha: float = 0.0) -> ErrorBudget:
-    """The error budget of unlearning ``users``, from the side arrays alone (no decoding)."""
-    return _plan(store, users, rounds, alpha).budget
+                 alpha: float = 0.0, exact_accumulator: bool | None = None) -> ErrorBudget:
+    """The error budget of `unlearn` with the same arguments, from the side arrays alone
+    (no decoding). Zero when the exact per-user accumulator answers."""
+    budget = _plan(store, users, rounds, alpha).budget
+    if exact_accumulator is False or _accumulator_user(store, users, rounds, alpha) is None:
+        return budget
+    return ErrorBudget(0.0, 0.0, budget.records_used + budget.records_missing, 0,
+                       budget.rounds, method="accumulator")
+
+
+def _accumulator_user(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> Any:
+    """The one user whose exact accumulator answers this request, or None."""
+    cols = {store._column(u) for u in _user_list(users)}
+    if store.has_accumulators and len(cols) == 1 and rounds is None and alpha == 0.0:
+        return store.users[cols.pop()]
+    return None
 
 
 def _progress(progress: bool | None, total: int, desc: str) -> tqdm:
@@ -223,15 +240,14 @@ def unlearn(store: UpdateStore, users: Any, *, rounds: Any = None, alpha: float 
         replay by at most `error_budget(...).deterministic` (plus the lattice noise).
     """
     plan = _plan(store, users, rounds, alpha)
-    cols = {store._column(u) for u in _user_list(users)}
-    can_acc = store.has_accumulators and len(cols) == 1 and rounds is None and alpha == 0.0
+    acc_user = _accumulator_user(store, users, rounds, alpha)
+    can_acc = acc_user is not None
     if exact_accumulator and not can_acc:
         raise ValueError("the exact accumulator answers single-user removal over all rounds "
                          "with alpha 0, from an archive created with accumulators=True")
     latest = store._latest_vec().astype(np.float64)
     if can_acc and exact_accumulator is not False:
-        user = store.users[cols.pop()]
-        return store.layout.unflatten(latest - store.accumulator(user), out)
+        return store.layout.unflatten(latest - store.accumulator(acc_user), out)
     # Only the replay misses dropped records: the exact accumulator does not need them.
     if plan.budget.records_missing:
         warnings.warn(

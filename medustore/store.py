@@ -597,11 +597,13 @@ class UpdateStore:
 
         return reconstruct(self, round, out=out)
 
-    def error_budget(self, users: Any, *, rounds: Any = None, alpha: float = 0.0) -> Any:
+    def error_budget(self, users: Any, *, rounds: Any = None, alpha: float = 0.0,
+                     exact_accumulator: bool | None = None) -> Any:
         """How far `unlearn` may be from the exact replay; see `medustore.replay`."""
         from medustore.replay import error_budget
 
-        return error_budget(self, users, rounds=rounds, alpha=alpha)
+        return error_budget(self, users, rounds=rounds, alpha=alpha,
+                            exact_accumulator=exact_accumulator)
 
     def iter_rows(self) -> Iterator[tuple[int, int]]:
         """``(row, round)`` of every committed row."""

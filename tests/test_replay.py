@@ -431,3 +431,20 @@ def test_budget_counts_and_warning() -> None:
     j = b.to_json()
     assert j["bound_3sigma"] == pytest.approx(b.bound(3.0))
     assert j["exact"] is False and j["records_missing"] == len(dropped)
+
+
+def test_error_budget_follows_the_accumulator(tmp_path) -> None:
+    # A policy that drops most records: the replay's budget is not exact, while the
+    # accumulator answers exactly and its budget says so.
+    rng = np.random.default_rng(31)
+    policy = medustore.MeduPolicy(keep_top=1, name="top1")
+    with medustore.open(tmp_path / "acc.zarr", "w", model=np.zeros(32, np.float32),
+                        policy=policy, accumulators=True) as store:
+        for t in range(4):
+            store.record_round(t, {u: rng.normal(size=32).astype(np.float32) * (1 + u)
+                                   for u in range(4)})
+        replay_budget = store.error_budget(0, exact_accumulator=False)
+        acc_budget = store.error_budget(0)
+        assert replay_budget.records_missing == 4 and not replay_budget.exact
+        assert acc_budget.exact and acc_budget.method == "accumulator"
+        assert acc_budget.records_used == 4

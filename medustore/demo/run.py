@@ -33,6 +33,7 @@ import medustore
 from medustore.demo.data import Dataset, assign_users, load_digits_dataset, poison
 from medustore.demo.federated import FedConfig, State, fedavg
 from medustore.demo.model import accuracy, backdoor_success, make_model
+from medustore.policy import parse_policy
 
 __all__ = ["DemoConfig", "evaluate", "gap_note", "make_users", "recover", "run_demo",
            "seed_everything"]
@@ -290,7 +291,9 @@ def run_demo(
             root = Path(out)
             root.mkdir(parents=True, exist_ok=True)
         paths = {"full": root / "full.zarr", "compressed": root / "compressed.zarr"}
-        policies = {"full": "full", "compressed": config.policy}
+        # The dither key follows the run's seed: the same command writes the same bytes.
+        policies = {k: parse_policy(name).evolve(seed=config.seed, name=name)
+                    for k, name in (("full", "full"), ("compressed", config.policy))}
         records = 0
 
         def on_round(t: int, updates: dict[Hashable, State],
