@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 import warnings
 from collections import deque
@@ -34,7 +35,9 @@ __all__ = ["ErrorBudget", "IncompleteUnlearningWarning", "error_budget", "parse_
            "reconstruct", "unlearn"]
 
 #: Records decoded ahead of the accumulator: bounds memory to a few model-sized buffers.
-PREFETCH = 4
+#: One decoding worker per core, at least 2 so reading overlaps accumulating; more only
+#: contend (2 cores: 4 workers measured 0.43 s against 0.31 s for 2, docs/benchmarks.md).
+PREFETCH = max(2, min(4, os.cpu_count() or 2))
 
 
 class IncompleteUnlearningWarning(UserWarning):
