@@ -420,15 +420,15 @@ def _peers_replay(folder: Path, user: int) -> tuple[np.ndarray, int]:
     """
     import torch
 
-    meta = torch.load(folder / "meta.pt")
-    w = {k: v.clone() for k, v in torch.load(folder / "w0.pt").items()}
+    meta = torch.load(folder / "meta.pt", weights_only=True)
+    w = {k: v.clone() for k, v in torch.load(folder / "w0.pt", weights_only=True).items()}
     loaded = 0
     for t, chosen in enumerate(meta["schedule"]):
         keep = [u for u in chosen if u != user]
         if not keep:
             continue
         P = sum(meta["weights"][u] for u in keep)
-        sds = [torch.load(folder / f"round{t:05d}_user{u:05d}.pt") for u in keep]
+        sds = [torch.load(folder / f"round{t:05d}_user{u:05d}.pt", weights_only=True) for u in keep]
         loaded += len(sds)
         for k in w:
             avg = torch.zeros_like(w[k])
