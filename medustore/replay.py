@@ -150,7 +150,7 @@ def _plan(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> _Plan:
     dnorm, znorm, evar = store.side("dnorm"), store.side("znorm"), store.side("evar")
     agg_evar, anorm = store.side("agg_evar"), store.side("anorm")
     have_agg = store.policy.keep_aggregates
-    users_list = store.users
+    users_list, rounds_list = store.users, store.rounds
     det = var = 0.0
     used = n_missing = n_rounds = 0
     missing: list[tuple[int, Any]] = []
@@ -172,7 +172,7 @@ def _plan(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> _Plan:
                 else:
                     det += f * float(anorm[row])
                     n_missing += len(in_f)
-                    missing.extend((int(store.rounds[row]), users_list[c]) for c in in_f)
+                    missing.extend((rounds_list[row], users_list[c]) for c in in_f)
             else:
                 for c in in_f:
                     coef = float(W[row, c]) / (P - PF)
@@ -184,7 +184,7 @@ def _plan(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> _Plan:
                     else:
                         det += f * coef * float(dnorm[row, c])
                         n_missing += 1
-                        missing.append((int(store.rounds[row]), users_list[c]))
+                        missing.append((rounds_list[row], users_list[c]))
         terms.append(row_terms)
     budget = ErrorBudget(det, math.sqrt(var), used, n_missing, n_rounds, tuple(missing))
     return _Plan(rows, terms, budget)

@@ -443,7 +443,7 @@ class UpdateStore:
         P = float(p.sum())
         hbar = np.zeros(m, dtype=np.float64)
         for pu, h in zip(p, vecs, strict=True):
-            hbar += (pu / P) * h
+            hbar += (pu / P) * h.astype(np.float64)  # a float32 product would round first
         dvecs = [(h - hbar).astype(np.float32) for h in vecs]
         dnorm = np.array([np.linalg.norm(d.astype(np.float64)) for d in dvecs])
         keep = pol.select(users, p, dnorm, float(np.linalg.norm(hbar)))
