@@ -495,8 +495,9 @@ class UpdateStore:
             nbytes_row[cols[i]] = self._chunk_bytes("updates", (row, int(cols[i])))
         a["nbytes"][row, :n_users] = nbytes_row
         if pol.keep_aggregates:
-            a["aggregate"][row, :] = hbar.astype(np.float32)
-            a["agg_evar"][row] = pol.expected_aggregate_error(hbar.astype(np.float32))
+            hbar32 = hbar.astype(np.float32)
+            a["aggregate"][row, :] = hbar32
+            a["agg_evar"][row] = pol.expected_aggregate_error(hbar32)
         a["anorm"][row] = float(np.linalg.norm(hbar))
         if self.has_accumulators:
             self._update_accumulators(row, cols, p, dvecs, hbar, P)
@@ -545,10 +546,8 @@ class UpdateStore:
         n_chunks = math.ceil(arr.shape[-1] / arr.chunks[-1])
         total = 0
         for k in range(n_chunks):
-            key = arr.metadata.encode_chunk_key((*prefix, k))
-            path = f"{arr.path}/{key}" if arr.path else key
             try:
-                total += int(sync(arr.store.getsize(path)))
+                total += int(sync(arr.store.getsize(chunk_key(arr, (*prefix, k)))))
             except FileNotFoundError:
                 pass
         return total
@@ -618,6 +617,12 @@ class RoundSummary(NamedTuple):
     participants: int
     stored: int
     nbytes: int
+
+
+def chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """Store key of the chunk of ``arr`` at chunk coordinates ``coords``."""
+    key = arr.metadata.encode_chunk_key(coords)
+    return f"{arr.path}/{key}" if arr.path else key
 
 
 def _codec_args(serializer: dict | None) -> dict:

@@ -36,6 +36,9 @@ import numpy as np
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
+from medustore.replay import PREFETCH
+from medustore.store import chunk_key
+
 if TYPE_CHECKING:
     import zarr
 
@@ -43,8 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Problem", "VerifyReport", "verify"]
 
-#: Chunks decoded concurrently.
-WORKERS = 4
+#: Chunks decoded concurrently: one worker per core, as the replay uses.
+WORKERS = PREFETCH
 #: Relative tolerance on the norm of a lossless record (float32 data, float64 norms).
 LOSSLESS_RTOL = 1e-5
 #: Relative tolerance when coordinates were thresholded (borderline entries may move
@@ -147,11 +150,6 @@ def _keys(arr: zarr.Array) -> dict[str, int]:
 
     names = [k for k in sync(collect()) if not k.endswith("zarr.json")]
     return {k: int(sync(arr.store.getsize(k))) for k in names}
-
-
-def _key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
-    key = arr.metadata.encode_chunk_key(coords)
-    return f"{arr.path}/{key}" if arr.path else key
 
 
 def _coords(arr: zarr.Array, key: str) -> tuple[int, ...] | None:
@@ -363,7 +361,7 @@ class _Verifier:
         jobs = []
         for row in range(self.n):
             for col in range(nu):
-                keys = [_key(arr, (row, col, k)) for k in range(self.k)]
+                keys = [chunk_key(arr, (row, col, k)) for k in range(self.k)]
                 seen.update(keys)
                 have = [k for k in range(self.k) if keys[k] in present]
                 if stored[row, col] != 1:
@@ -480,7 +478,7 @@ class _Verifier:
         for (name, k), got in self.decode_all(jobs, "model"):
             self.report.model_chunks += 1
             arr = init if name == "initial" else model
-            key = _key(arr, (k,) if name == "initial" else (self.n - 1, k))
+            key = chunk_key(arr, (k,) if name == "initial" else (self.n - 1, k))
             if key not in (init_keys if name == "initial" else model_keys):
                 what = "w_0" if name == "initial" else "the latest model w_T"
                 self.report.problems.append(Problem(
@@ -492,7 +490,7 @@ class _Verifier:
         for k in range(self.k):
             if ("initial", k) in values and ("model", k) in values:
                 frozen[k] = bool(np.array_equal(values[("initial", k)], values[("model", k)]))
-        seen = {_key(model, (self.n - 1, k)) for k in range(self.k)} if self.n else set()
+        seen = {chunk_key(model, (self.n - 1, k)) for k in range(self.k)} if self.n else set()
         self.leftovers(model, model_keys, seen, "model", n_lead=1)
         return frozen
 
@@ -507,14 +505,14 @@ class _Verifier:
         jobs, seen = [], set()
         for row in range(self.n):
             for k in range(self.k):
-                key = _key(arr, (row, k))
+                key = chunk_key(arr, (row, k))
                 seen.add(key)
                 if key in present:
                     jobs.append(((row, k), _reader(arr, (row, self.span(k)))))
                     continue
                 cols = np.flatnonzero(stored[row] == 1)
                 zero_records = cols.size > 0 and all(
-                    _key(upd, (row, int(c), k)) not in upd_keys for c in cols)
+                    chunk_key(upd, (row, int(c), k)) not in upd_keys for c in cols)
                 if not (frozen.get(k) or zero_records):
                     self.problem("missing", "aggregate", "aggregate chunk missing (reads as "
                                  "zeros)", row=row, chunk=k)
@@ -539,7 +537,7 @@ class _Verifier:
                 continue
             slot = max(valid, key=lambda q: slots[q])
             for k in range(self.k):
-                if _key(acc, (col, slot, k)) in present:
+                if chunk_key(acc, (col, slot, k)) in present:
                     jobs.append(((col, k), _reader(acc, (col, slot, self.span(k)))))
                 elif not frozen.get(k):
                     self.problem("missing", "acc", "accumulator chunk missing (reads as zeros)",
