@@ -7,10 +7,21 @@
         weights = store.unlearn(["mallory"], out="state_dict")
 """
 
-from medustore.errors import MedustoreError, NotAnArchiveError, ReadOnlyError, UnknownUserError
+from medustore.archive.repository import Retention
+from medustore.errors import (
+    ConcurrentWriteError,
+    DamagedArchiveError,
+    MedustoreError,
+    NotAnArchiveError,
+    ReadOnlyError,
+    UnknownUserError,
+    UnsupportedFormatError,
+    VersionNotKeptError,
+)
+from medustore.index import ArchiveIndex
 from medustore.layout import ModelLayout
 from medustore.policy import PRESETS, MeduPolicy
-from medustore.replay import ErrorBudget, IncompleteUnlearningWarning
+from medustore.replay import ErrorBudget, IncompleteUnlearningWarning, Plan
 from medustore.store import FORMAT_VERSION, UpdateStore, open_store
 
 open = open_store  # noqa: A001 - the library's front door, like zarr.open
@@ -20,14 +31,21 @@ __version__ = "0.1.0"
 __all__ = [
     "FORMAT_VERSION",
     "PRESETS",
+    "ArchiveIndex",
+    "ConcurrentWriteError",
+    "DamagedArchiveError",
     "ErrorBudget",
     "IncompleteUnlearningWarning",
     "MedustoreError",
     "MeduPolicy",
     "ModelLayout",
     "NotAnArchiveError",
+    "Plan",
     "ReadOnlyError",
+    "Retention",
     "UnknownUserError",
+    "UnsupportedFormatError",
     "UpdateStore",
+    "VersionNotKeptError",
     "open",
 ]

@@ -1,6 +1,15 @@
 """The exceptions medustore raises on purpose (the CLI maps each to an exit code)."""
 
-__all__ = ["MedustoreError", "NotAnArchiveError", "ReadOnlyError", "UnknownUserError"]
+__all__ = [
+    "ConcurrentWriteError",
+    "DamagedArchiveError",
+    "MedustoreError",
+    "NotAnArchiveError",
+    "ReadOnlyError",
+    "UnknownUserError",
+    "UnsupportedFormatError",
+    "VersionNotKeptError",
+]
 
 
 class MedustoreError(Exception):
@@ -8,7 +17,11 @@ class MedustoreError(Exception):
 
 
 class NotAnArchiveError(MedustoreError, ValueError):
-    """The location holds no medustore archive (or one of an unsupported format)."""
+    """The location holds no medustore archive."""
+
+
+class UnsupportedFormatError(NotAnArchiveError):
+    """The location holds a medustore archive of a format this version does not read."""
 
 
 class ReadOnlyError(MedustoreError, PermissionError):
@@ -17,3 +30,19 @@ class ReadOnlyError(MedustoreError, PermissionError):
 
 class UnknownUserError(MedustoreError, LookupError):
     """A user id that the archive has never seen."""
+
+
+class DamagedArchiveError(MedustoreError):
+    """Something the answer depends on is missing, unreadable or inconsistent.
+
+    The message names what is damaged (array, round, user, chunk); nothing is ever read as
+    zeros or guessed in its place.
+    """
+
+
+class ConcurrentWriteError(MedustoreError):
+    """Another writer holds the archive, or committed since this writer last read it."""
+
+
+class VersionNotKeptError(MedustoreError, LookupError):
+    """The archive no longer keeps (or never had) the version asked for."""

@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from medustore.index import ArchiveIndex, parse_round
 from medustore.layout import OutputKind
 
 if TYPE_CHECKING:
-    from medustore.store import UpdateStore
+    from medustore.archive.reader import ArchiveReader
 
-__all__ = ["ErrorBudget", "IncompleteUnlearningWarning", "error_budget", "parse_window",
-           "reconstruct", "unlearn"]
+__all__ = ["ErrorBudget", "IncompleteUnlearningWarning", "Plan", "Term", "error_budget",
+           "parse_window", "plan", "reconstruct", "run", "unlearn"]
 
 #: Records decoded ahead of the accumulator: bounds memory to a few model-sized buffers.
 #: One decoding worker per core, at least 2 so reading overlaps accumulating; more only
@@ -119,10 +120,47 @@ def parse_window(rounds: Any) -> tuple[int | None, int | None]:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    rows: list[int]                    # window rows, in order (alpha applies per row)
-    terms: list[list[tuple[str, int, int, float]]]  # per row: (kind, row, col, coef)
+class Term:
+    """One decoded vector the replay subtracts: ``coef`` times a record or an aggregate."""
+
+    kind: str       # "record" or "aggregate"
+    row: int        # the round's row
+    record: int     # the record number (-1 for an aggregate)
+    coef: float
+    what: str       # "record of user 'mallory' in round 3", for messages
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `unlearn` will do, decided from the index alone (nothing is decoded).
+
+    Attributes
+    ----------
+    method
+        ``"accumulator"`` (the exact per-user accumulator answers) or ``"replay"`` (the
+        closed form over stored records).
+    users
+        The users to remove.
+    rows
+        Rows of the rounds in the window, in order (the alpha skew applies per row).
+    terms
+        Per window row, the vectors to subtract (empty where no removed user took part).
+    budget
+        The error budget of the answer.
+    alpha
+        The skew factor.
+    """
+
+    method: str
+    users: tuple[Any, ...]
+    rows: tuple[int, ...]
+    terms: tuple[tuple[Term, ...], ...]
     budget: ErrorBudget
+    alpha: float = 0.0
+
+    @property
+    def n_terms(self) -> int:
+        return sum(len(t) for t in self.terms)
 
 
 def _user_list(users: Any) -> list[Any]:
@@ -132,81 +170,100 @@ def _user_list(users: Any) -> list[Any]:
     return list(users)
 
 
-def _plan(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> _Plan:
-    cols = sorted({store._column(u) for u in _user_list(users)})
-    if not cols:
-        raise ValueError("name at least one user to remove")
+def _window_rows(index: ArchiveIndex, rounds: Any) -> list[int]:
+    start, stop = parse_window(rounds)
+    in_window = np.ones(index.n_rounds, dtype=bool)
+    if start is not None:
+        in_window &= index.rounds >= start
+    if stop is not None:
+        in_window &= index.rounds < stop
+    return [int(r) for r in np.flatnonzero(in_window)]
+
+
+def _skews(n: int, alpha: float) -> list[float]:
+    """``(1 + alpha) ** (n - 1 - k)`` for each of ``n`` window rows, or a ValueError."""
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
-    start, stop = parse_window(rounds)
-    all_rounds = np.array(store.rounds, dtype=np.int64)
-    in_window = np.ones(all_rounds.size, dtype=bool)
-    if start is not None:
-        in_window &= all_rounds >= start
-    if stop is not None:
-        in_window &= all_rounds < stop
-    rows = [int(r) for r in np.flatnonzero(in_window)]
-    W, S = store.side("weight"), store.side("stored")
-    dnorm, znorm, evar = store.side("dnorm"), store.side("znorm"), store.side("evar")
-    agg_evar, anorm = store.side("agg_evar"), store.side("anorm")
-    have_agg = store.policy.keep_aggregates
-    users_list, rounds_list = store.users, store.rounds
+    try:
+        top = math.pow(1.0 + alpha, max(n - 1, 0))
+    except OverflowError:
+        top = math.inf
+    if not math.isfinite(top):
+        raise ValueError(f"alpha={alpha!r} skews the correction by (1 + alpha)^{n - 1} over "
+                         f"{n} rounds, which overflows; use a smaller alpha or a round window")
+    return [(1.0 + alpha) ** (n - 1 - k) for k in range(n)]
+
+
+def plan(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
+         exact_accumulator: bool | None = None) -> Plan:
+    """The `Plan` of unlearning ``users`` from ``source`` (a store, or anything with an
+    ``index``), with the same arguments as `unlearn`."""
+    index: ArchiveIndex = source.index
+    cols = sorted({index.column(u) for u in _user_list(users)})
+    if not cols:
+        raise ValueError("name at least one user to remove")
+    removed = tuple(index.users[c] for c in cols)
+    rows = _window_rows(index, rounds)
+    skews = _skews(len(rows), alpha)
+    can_acc = (index.settings.accumulators and len(cols) == 1 and rounds is None
+               and alpha == 0.0)
+    if exact_accumulator and not can_acc:
+        raise ValueError("the exact accumulator answers single-user removal over all rounds "
+                         "with alpha 0, from an archive created with accumulators=True")
+    in_f = np.isin(index.entry_user, cols)
+    have_agg = index.policy.keep_aggregates
     det = var = 0.0
     used = n_missing = n_rounds = 0
     missing: list[tuple[int, Any]] = []
-    terms: list[list[tuple[str, int, int, float]]] = []
+    terms: list[tuple[Term, ...]] = []
     for k, row in enumerate(rows):
-        f = (1.0 + alpha) ** (len(rows) - 1 - k)
-        part = ~np.isnan(W[row])
-        in_f = [c for c in cols if part[c]]
-        row_terms: list[tuple[str, int, int, float]] = []
-        if in_f:
+        f = skews[k]
+        sl = index.entries(row)
+        mine = np.flatnonzero(in_f[sl]) + sl.start
+        row_terms: list[Term] = []
+        t = int(index.rounds[row])
+        if mine.size:
             n_rounds += 1
-            P = float(W[row][part].sum())
-            PF = float(sum(W[row, c] for c in in_f))
-            if part.sum() == len(in_f):  # every participant removed: subtract hbar_t
+            rest = float(index.entry_weight[sl][~in_f[sl]].sum())
+            if rest == 0.0:  # every participant removed: subtract hbar_t
                 if have_agg:
-                    row_terms.append(("aggregate", row, -1, 1.0))
-                    var += f * f * float(agg_evar[row])
-                    used += len(in_f)
+                    row_terms.append(Term("aggregate", row, -1, 1.0, f"aggregate of round {t}"))
+                    var += f * f * float(index.agg_evar[row])
+                    used += mine.size
                 else:
-                    det += f * float(anorm[row])
-                    n_missing += len(in_f)
-                    missing.extend((rounds_list[row], users_list[c]) for c in in_f)
+                    det += f * float(index.anorm[row])
+                    n_missing += mine.size
+                    missing.extend((t, index.users[index.entry_user[e]]) for e in mine)
             else:
-                for c in in_f:
-                    coef = float(W[row, c]) / (P - PF)
-                    if S[row, c]:
-                        row_terms.append(("record", row, c, coef))
-                        det += f * coef * float(znorm[row, c])
-                        var += (f * coef) ** 2 * float(evar[row, c])
+                for e in mine:
+                    coef = float(index.entry_weight[e]) / rest
+                    user = index.users[index.entry_user[e]]
+                    rec = int(index.entry_record[e])
+                    if rec >= 0:
+                        row_terms.append(Term("record", row, rec, coef,
+                                              f"record of user {user!r} in round {t}"))
+                        det += f * coef * float(index.entry_znorm[e])
+                        var += (f * coef) ** 2 * float(index.entry_evar[e])
                         used += 1
                     else:
-                        det += f * coef * float(dnorm[row, c])
+                        det += f * coef * float(index.entry_dnorm[e])
                         n_missing += 1
-                        missing.append((rounds_list[row], users_list[c]))
-        terms.append(row_terms)
+                        missing.append((t, user))
+        terms.append(tuple(row_terms))
     budget = ErrorBudget(det, math.sqrt(var), used, n_missing, n_rounds, tuple(missing))
-    return _Plan(rows, terms, budget)
+    method = "replay"
+    if can_acc and exact_accumulator is not False:
+        method = "accumulator"
+        budget = ErrorBudget(0.0, 0.0, used + n_missing, 0, n_rounds, method="accumulator")
+    return Plan(method, removed, tuple(rows), tuple(terms), budget, alpha)
 
 
-def error_budget(store: UpdateStore, users: Any, *, rounds: Any = None,
-                 alpha: float = 0.0, exact_accumulator: bool | None = None) -> ErrorBudget:
-    """The error budget of `unlearn` with the same arguments, from the side arrays alone
-    (no decoding). Zero when the exact per-user accumulator answers."""
-    budget = _plan(store, users, rounds, alpha).budget
-    if exact_accumulator is False or _accumulator_user(store, users, rounds, alpha) is None:
-        return budget
-    return ErrorBudget(0.0, 0.0, budget.records_used + budget.records_missing, 0,
-                       budget.rounds, method="accumulator")
-
-
-def _accumulator_user(store: UpdateStore, users: Any, rounds: Any, alpha: float) -> Any:
-    """The one user whose exact accumulator answers this request, or None."""
-    cols = {store._column(u) for u in _user_list(users)}
-    if store.has_accumulators and len(cols) == 1 and rounds is None and alpha == 0.0:
-        return store.users[cols.pop()]
-    return None
+def error_budget(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
+                 exact_accumulator: bool | None = None) -> ErrorBudget:
+    """The error budget of `unlearn` with the same arguments, from the index alone (no
+    decoding). Zero when the exact per-user accumulator answers."""
+    return plan(source, users, rounds=rounds, alpha=alpha,
+                exact_accumulator=exact_accumulator).budget
 
 
 def _progress(progress: bool | None, total: int, desc: str) -> tqdm:
@@ -214,13 +271,15 @@ def _progress(progress: bool | None, total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="rec", disable=disable, leave=False)
 
 
-def unlearn(store: UpdateStore, users: Any, *, rounds: Any = None, alpha: float = 0.0,
+def unlearn(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
             out: OutputKind = "numpy", progress: bool | None = None,
             exact_accumulator: bool | None = None) -> Any:
     """The model with the contribution of ``users`` removed.
 
     Parameters
     ----------
+    source
+        An open archive (`UpdateStore`), or anything with its ``index`` and ``reader``.
     users
         One user id or several.
     rounds
@@ -242,36 +301,41 @@ def unlearn(store: UpdateStore, users: Any, *, rounds: Any = None, alpha: float 
         When records of the users were not stored; the answer then differs from the exact
         replay by at most `error_budget(...).deterministic` (plus the lattice noise).
     """
-    plan = _plan(store, users, rounds, alpha)
-    acc_user = _accumulator_user(store, users, rounds, alpha)
-    can_acc = acc_user is not None
-    if exact_accumulator and not can_acc:
-        raise ValueError("the exact accumulator answers single-user removal over all rounds "
-                         "with alpha 0, from an archive created with accumulators=True")
-    latest = store._latest_vec().astype(np.float64)
-    if can_acc and exact_accumulator is not False:
-        return store.layout.unflatten(latest - store.accumulator(acc_user), out)
-    # Only the replay misses dropped records: the exact accumulator does not need them.
-    if plan.budget.records_missing:
-        warnings.warn(
-            f"{plan.budget.records_missing} participation(s) of the users to remove were not "
-            f"stored by the archive's policy ({store.policy.name}); the result may differ from "
-            f"the exact unlearning by up to {plan.budget.deterministic:.4g} (L2) plus lattice "
-            f"noise of RMS {plan.budget.rms:.4g}",
-            IncompleteUnlearningWarning, stacklevel=3)
-    correction = _correction(store, plan, alpha, progress)
-    return store.layout.unflatten(latest - correction, out)
+    return run(source, plan(source, users, rounds=rounds, alpha=alpha,
+                            exact_accumulator=exact_accumulator), out=out, progress=progress)
 
 
-def _correction(store: UpdateStore, plan: _Plan, alpha: float, progress: bool | None) -> np.ndarray:
-    updates, aggregate = store._a["updates"], store._a["aggregate"]
+def run(source: Any, p: Plan, *, out: OutputKind = "numpy",
+        progress: bool | None = None) -> Any:
+    """Carry out a `Plan` made by `plan` on the same source."""
+    reader = source.reader
+    latest = reader.model().astype(np.float64)
+    if p.method == "accumulator":
+        result = latest - reader.accumulator(source.index.column(p.users[0]))
+    else:
+        # Only the replay misses dropped records: the exact accumulator does not need them.
+        if p.budget.records_missing:
+            warnings.warn(
+                f"{p.budget.records_missing} participation(s) of the users to remove were not "
+                f"stored by the archive's policy ({source.index.policy.name}); the result may "
+                f"differ from the exact unlearning by up to {p.budget.deterministic:.4g} (L2) "
+                f"plus lattice noise of RMS {p.budget.rms:.4g}",
+                IncompleteUnlearningWarning, stacklevel=3)
+        result = latest - _correction(reader, p, progress)
+    if not np.isfinite(result).all():
+        raise ValueError("the unlearned model is not finite: the alpha skew or the weights' "
+                         "ratios overflow the float range")
+    return source.index.layout.unflatten(result, out)
 
-    def read(kind: str, row: int, col: int) -> np.ndarray:
-        return updates[row, col, :] if kind == "record" else aggregate[row, :]
 
-    m = store.layout.size
-    correction = np.zeros(m, dtype=np.float64)
-    flat = [(k, term) for k, row_terms in enumerate(plan.terms) for term in row_terms]
+def _correction(reader: ArchiveReader, p: Plan, progress: bool | None) -> np.ndarray:
+    def read(term: Term) -> np.ndarray:
+        if term.kind == "record":
+            return reader.record(term.record, term.what)
+        return reader.aggregate(term.row)
+
+    correction = np.zeros(reader.index.layout.size, dtype=np.float64)
+    flat = [(k, term) for k, row_terms in enumerate(p.terms) for term in row_terms]
     pending: deque[tuple[int, float, Future]] = deque()
     done_rows = 0  # rows whose terms are all in `correction` (for the alpha skew)
     bar = _progress(progress, len(flat), "unlearning")
@@ -283,47 +347,44 @@ def _correction(store: UpdateStore, plan: _Plan, alpha: float, progress: bool | 
                 nxt = next(it, None)
                 if nxt is None:
                     return
-                k, (kind, row, col, coef) = nxt
-                pending.append((k, coef, pool.submit(read, kind, row, col)))
+                k, term = nxt
+                pending.append((k, term.coef, pool.submit(read, term)))
 
         fill()
         while pending:
             k, coef, fut = pending.popleft()
             while done_rows < k:  # rows before k are complete: skew them
-                if alpha:
-                    correction *= 1.0 + alpha
+                if p.alpha:
+                    correction *= 1.0 + p.alpha
                 done_rows += 1
             correction += coef * fut.result()
             bar.update()
             fill()
-    while done_rows < len(plan.rows) - 1:
-        if alpha:
-            correction *= 1.0 + alpha
+    while done_rows < len(p.rows) - 1:
+        if p.alpha:
+            correction *= 1.0 + p.alpha
         done_rows += 1
     return correction
 
 
-def reconstruct(store: UpdateStore, round: int, out: OutputKind = "numpy") -> Any:
+def reconstruct(source: Any, round: int, out: OutputKind = "numpy") -> Any:
     """The global model at the start of ``round``: ``w_0`` plus the aggregates before it.
 
     Sums from whichever end (``w_0`` forwards or ``w_T`` backwards) needs fewer aggregates;
     lossy aggregates make the answer approximate, within their coding error.
     """
-    from medustore.store import _round_number
-
-    t = _round_number(round)
-    rounds = np.array(store.rounds, dtype=np.int64)
-    if not store.policy.keep_aggregates:
-        raise ValueError(f"this archive's policy ({store.policy.name}) does not keep "
+    index, reader = source.index, source.reader
+    t = parse_round(round)
+    if not index.policy.keep_aggregates:
+        raise ValueError(f"this archive's policy ({index.policy.name}) does not keep "
                          "aggregates, so past models cannot be reconstructed")
-    before = int(np.searchsorted(rounds, t, side="left"))  # rows with round < t
-    agg = store._a["aggregate"]
-    if before <= rounds.size - before:
-        w = store._a["initial"][:].astype(np.float64)
+    before = int(np.searchsorted(index.rounds, t, side="left"))  # rows with round < t
+    if before <= index.n_rounds - before:
+        w = reader.initial().astype(np.float64)
         for row in range(before):
-            w += agg[row, :]
+            w += reader.aggregate(row)
     else:
-        w = store._latest_vec().astype(np.float64)
-        for row in range(before, rounds.size):
-            w -= agg[row, :]
-    return store.layout.unflatten(w, out)
+        w = reader.model().astype(np.float64)
+        for row in range(before, index.n_rounds):
+            w -= reader.aggregate(row)
+    return index.layout.unflatten(w, out)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
 from medustore.replay import PREFETCH
-from medustore.store import chunk_key
+from medustore.archive.reader import chunk_key
 
 if TYPE_CHECKING:
     import zarr

@@ -1,0 +1,182 @@
+"""`ArchiveReader`: the data half of the read contract, over one committed version.
+
+Every read checks that each chunk it needs exists before reading it and turns any failure
+to read or decode into `DamagedArchiveError` naming the array, the round and the user: a
+missing chunk never reads as the fill value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from medustore.archive.table import TABLE, spec
+from medustore.errors import DamagedArchiveError, NotAnArchiveError, UnsupportedFormatError
+from medustore.index import ArchiveIndex, Settings, load_index
+
+__all__ = ["ATTR", "FORMAT_VERSION", "ArchiveReader", "chunk_key", "read_index", "read_settings"]
+
+ATTR = "medustore"
+FORMAT_VERSION = 2
+
+
+def chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """Store key of the chunk of ``arr`` at chunk coordinates ``coords``."""
+    key = arr.metadata.encode_chunk_key(coords)
+    return f"{arr.path}/{key}" if arr.path else key
+
+
+def read_settings(group: zarr.Group, where: str) -> tuple[Settings, dict]:
+    """The archive's settings and its ``medustore`` attribute; refuses other formats."""
+    meta = group.attrs.get(ATTR)
+    if not isinstance(meta, dict):
+        raise NotAnArchiveError(f"{where} is a zarr group but not a medustore archive")
+    version = meta.get("format")
+    if version == 1:
+        raise UnsupportedFormatError(
+            f"{where} is a medustore format-1 archive (plain Zarr, written by medustore 0.1); "
+            f"this medustore reads format {FORMAT_VERSION}. Convert it with `medustore "
+            f"upgrade {where} NEW_ARCHIVE`, or read it with `pip install 'medustore==0.1.*'`")
+    if not isinstance(version, int) or version != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{where}: archive format {version!r} is not one this medustore reads "
+            f"({FORMAT_VERSION}); upgrade medustore")
+    return Settings.from_json(meta), meta
+
+
+class ArchiveReader:
+    """Checked reads of one version's arrays (see the module docstring)."""
+
+    def __init__(self, group: zarr.Group, index: ArchiveIndex, where: str) -> None:
+        self.index = index
+        self.where = where
+        flags = index.settings.flags()
+        try:
+            self.arrays: dict[str, zarr.Array] = {
+                s.name: group[s.name] for s in TABLE if s.exists(flags)}
+        except KeyError as err:
+            raise DamagedArchiveError(f"{where}: array {err} is missing") from None
+        self._store = group.store
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        counts, m = self.index.counts(), self.index.layout.size
+        for name, arr in self.arrays.items():
+            expected = spec(name).shape(counts, m)
+            if tuple(arr.shape) != expected:
+                raise DamagedArchiveError(
+                    f"{self.where}: array {name} has shape {tuple(arr.shape)}, the index says "
+                    f"{expected}")
+
+    # ------------------------------------------------------------------ primitives
+
+    def n_chunks(self) -> int:
+        """Chunks along the model (param) dimension."""
+        return math.ceil(self.index.layout.size / self.index.settings.chunk)
+
+    def keys(self, name: str, lead: tuple[int, ...]) -> list[str]:
+        """Store keys of the model-dimension chunks of ``name`` at leading index ``lead``."""
+        arr = self.arrays[name]
+        return [chunk_key(arr, (*lead, k)) for k in range(self.n_chunks())]
+
+    def _row(self, name: str, lead: tuple[int, ...], what: str) -> np.ndarray:
+        arr = self.arrays[name]
+        for key in self.keys(name, lead):
+            if not sync(self._store.exists(key)):
+                raise DamagedArchiveError(f"{self.where}: {what}: chunk {key} of array {name} "
+                                          "is missing")
+        try:
+            return arr[(*lead, slice(None))]
+        except Exception as err:  # any failure to read or decode stored bytes is damage
+            raise DamagedArchiveError(f"{self.where}: {what}: array {name} does not read: "
+                                      f"{type(err).__name__}: {err}") from err
+
+    # ------------------------------------------------------------------ data
+
+    def record(self, record: int, what: str | None = None) -> np.ndarray:
+        """Stored record number ``record`` (a float32 flat vector)."""
+        return self._row("records", (record,), what or f"record {record}")
+
+    def record_of(self, row: int, col: int) -> np.ndarray | None:
+        """The record of user column ``col`` in row ``row``, or None if not stored."""
+        e = self.index.entry(row, col)
+        if e is None or self.index.entry_record[e] < 0:
+            return None
+        return self.record(int(self.index.entry_record[e]), self.describe(row, col))
+
+    def aggregate(self, row: int) -> np.ndarray:
+        """The (decoded) aggregate of row ``row``."""
+        if "aggregate" not in self.arrays:
+            raise ValueError(f"this archive's policy ({self.index.policy.name}) does not keep "
+                             "aggregates")
+        return self._row("aggregate", (row,), f"aggregate of round {int(self.index.rounds[row])}")
+
+    def initial(self) -> np.ndarray:
+        """``w_0``."""
+        return self._row("initial", (), "initial model w_0")
+
+    def model(self) -> np.ndarray:
+        """``w_T``, the model after the last committed round (``w_0`` before any)."""
+        return self._row("model", (), "latest model w_T")
+
+    def accumulator(self, col: int) -> np.ndarray:
+        """The exact accumulator ``A^u`` of user column ``col`` (float64)."""
+        if "acc" not in self.arrays:
+            raise ValueError("this archive keeps no accumulators")
+        return self._row("acc", (col,), f"accumulator of user {self.index.users[col]!r}")
+
+    def describe(self, row: int, col: int) -> str:
+        return f"record of user {self.index.users[col]!r} in round {int(self.index.rounds[row])}"
+
+    def nbytes_stored(self) -> int:
+        """Bytes of every object of this version (data, index and metadata)."""
+        return int(sync(self._store.getsize_prefix("")))
+
+
+def _read_table(group: zarr.Group, name: str, n_rows: int, where: str) -> np.ndarray:
+    s = spec(name)
+    try:
+        arr = group[name]
+    except KeyError:
+        raise DamagedArchiveError(f"{where}: index array {name} is missing") from None
+    if arr.shape[0] != n_rows:
+        raise DamagedArchiveError(f"{where}: index array {name} has {arr.shape[0]} rows, the "
+                                  f"archive's counts say {n_rows}")
+    store = group.store
+    for k in range(math.ceil(n_rows / arr.chunks[0])):
+        key = chunk_key(arr, (k,) if arr.ndim == 1 else (k, 0))
+        if not sync(store.exists(key)):
+            raise DamagedArchiveError(f"{where}: chunk {key} of index array {name} is missing")
+    try:
+        data = arr[...]
+    except Exception as err:
+        raise DamagedArchiveError(f"{where}: index array {name} does not read: "
+                                  f"{type(err).__name__}: {err}") from err
+    if s.dtype == "str":
+        return np.asarray(data, dtype=object)
+    return np.asarray(data, dtype=s.dtype).reshape(n_rows, *arr.shape[1:])
+
+
+def read_index(group: zarr.Group, snapshot: str | None, where: str) -> ArchiveIndex:
+    """The checked index of the version ``group`` belongs to."""
+    settings, meta = read_settings(group, where)
+    counts = meta.get("counts")
+    digest = meta.get("digest")
+    if not isinstance(counts, Mapping) or not isinstance(digest, str):
+        raise DamagedArchiveError(f"{where}: archive counts or digest missing from metadata")
+    try:
+        n = {k: int(counts[k]) for k in ("round", "entry", "user")}
+    except (KeyError, TypeError, ValueError):
+        raise DamagedArchiveError(f"{where}: archive counts are damaged: {counts!r}") from None
+    users = [str(u) for u in _read_table(group, "users", n["user"], where)]
+    return load_index(
+        settings, users, _read_table(group, "rounds", n["round"], where),
+        _read_table(group, "round_facts", n["round"], where),
+        _read_table(group, "entries", n["entry"], where),
+        _read_table(group, "entry_facts", n["entry"], where), digest, snapshot, where)
+

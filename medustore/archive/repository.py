@@ -1,0 +1,288 @@
+"""Transactions: one round is one Icechunk commit; readers keep the snapshot they opened.
+
+`Repository` wraps an Icechunk repository (or a plain, read-only Zarr snapshot) with what
+medustore needs of it:
+
+- `snapshot` opens a read-only group at the latest commit or as of a round;
+- `transaction` opens a writable group whose commit fails with `ConcurrentWriteError` when
+  anything was committed since the writer last read the archive;
+- local archives take a lock file for the writer's whole life (Icechunk's local storage is
+  not safe for simultaneous commits), so a second writer is refused when it opens;
+- `compact` expires old versions and garbage-collects what only they used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+import icechunk
+import zarr
+
+from medustore.archive.storage import Location, forget_memory
+from medustore.errors import ConcurrentWriteError, DamagedArchiveError, VersionNotKeptError
+
+__all__ = ["BRANCH", "Repository", "Retention", "lock_path"]
+
+BRANCH = "main"
+_TAG = "round-{}"
+# Splitting manifests along the growing dimension keeps a commit's manifest writes to the
+# last split instead of every chunk reference of the array (O(R) per commit otherwise).
+_SPLIT_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which versions of an archive are kept.
+
+    Parameters
+    ----------
+    keep_versions
+        Most recent round versions kept for ``as_of_round`` (1: the latest only). Versions of
+        tagged rounds (`UpdateStore.tag`) are kept whatever this says.
+    grace
+        Seconds a replaced version is kept, so that readers that opened it can finish.
+        A reader holding a version longer than that may see it expire (it then raises; it
+        never reads another version's data).
+    every
+        Compact (expire + garbage-collect) every ``every`` rounds, and when the writer
+        closes; 0 never compacts automatically.
+    """
+
+    keep_versions: int = 1
+    grace: float = 60.0
+    every: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep_versions, bool) or not isinstance(self.keep_versions, int) or \
+                self.keep_versions < 1:
+            raise ValueError(f"Retention: keep_versions must be an int >= 1, got "
+                             f"{self.keep_versions!r}")
+        if not self.grace >= 0:
+            raise ValueError(f"Retention: grace must be >= 0 seconds, got {self.grace!r}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise ValueError(f"Retention: every must be an int >= 0, got {self.every!r}")
+
+
+def _config() -> icechunk.RepositoryConfig:
+    config = icechunk.RepositoryConfig.default()
+    grow = icechunk.ManifestSplitCondition.AnyArray()
+    config.manifest = icechunk.ManifestConfig(splitting=icechunk.ManifestSplittingConfig.from_dict(
+        {grow: {icechunk.ManifestSplitDimCondition.Axis(0): _SPLIT_ROWS}}))
+    return config
+
+
+def lock_path(path: Path) -> Path:
+    """The writer's lock file of a local archive: hidden, beside the archive's directory
+    (Icechunk creates repositories only in empty directories)."""
+    return path.parent / f".{path.name}.lock"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Repository:
+    """An archive's versioned storage (see the module docstring)."""
+
+    def __init__(self, location: Location, repo: icechunk.Repository | None,
+                 lock: filelock.BaseFileLock | None = None) -> None:
+        self.location = location
+        self._repo = repo
+        self._lock = lock
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, location: Location, *, write: bool) -> Repository | None:
+        """The repository at ``location``, or None when there is none."""
+        if not location.is_repository:
+            return cls(location, None)
+        if location.storage is None or not icechunk.Repository.exists(location.storage):
+            return None
+        lock = cls._acquire(location) if write else None
+        try:
+            return cls(location, icechunk.Repository.open(location.storage), lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    @classmethod
+    def create(cls, location: Location, *, replace: bool) -> Repository:
+        """A new, empty repository (``replace``: wipe a local directory's contents first)."""
+        lock = None
+        if location.kind == "local":
+            location.path.mkdir(parents=True, exist_ok=True)
+            lock = cls._acquire(location)
+            leftovers = list(location.path.iterdir())
+            if leftovers and not replace:
+                lock.release()
+                raise FileExistsError(
+                    f"{location.text} already holds data; open it with mode 'r+' or 'a', or "
+                    "replace it with mode 'w'")
+            for p in leftovers:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif location.kind == "s3" and icechunk.Repository.exists(location.storage):
+            raise FileExistsError(
+                f"{location.text} already holds an archive; replacing one on object storage "
+                "is not supported: delete the prefix first or choose another one")
+        try:
+            repo = icechunk.Repository.create(location.storage, config=_config())
+            repo.save_config()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return cls(location, repo, lock)
+
+    @staticmethod
+    def _acquire(location: Location) -> filelock.BaseFileLock | None:
+        if location.kind != "local":
+            return None  # object storage: the commit itself refuses a stale writer
+        path = lock_path(location.path)
+        lock = filelock.FileLock(path, timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise ConcurrentWriteError(
+                f"{location.text} is open for writing by another writer (lock file {path}); "
+                "close it first, or open this one read-only with mode 'r'") from None
+        return lock
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        store = self.location.store
+        if store is not None and hasattr(store, "close"):
+            store.close()
+
+    def drop(self) -> None:
+        """Forget an in-memory archive (mode 'w' on ``memory://`` replaces it)."""
+        if self.location.kind == "memory":
+            forget_memory(self.location.text[len("memory://"):])
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def versioned(self) -> bool:
+        return self._repo is not None
+
+    def snapshot(self, as_of_round: int | None = None,
+                 snapshot_id: str | None = None) -> tuple[zarr.Group, str | None]:
+        """A read-only root group at the latest version (or as of a round, or at a snapshot
+        id) and the id of its version."""
+        if self._repo is None:
+            if as_of_round is not None:
+                raise VersionNotKeptError(
+                    f"{self.location.text} is a plain Zarr snapshot: it keeps no other "
+                    "versions (export the round you need with `medustore export "
+                    "--as-of-round`)")
+            return zarr.open_group(self.location.store, path=self.location.group_path,
+                                   mode="r"), None
+        if snapshot_id is None and as_of_round is not None:
+            snapshot_id = self.snapshot_of(as_of_round)
+        if snapshot_id is None:
+            session = self._repo.readonly_session(branch=BRANCH)
+        else:
+            session = self._repo.readonly_session(snapshot_id=snapshot_id)
+        return zarr.open_group(session.store, mode="r"), session.snapshot_id
+
+    def versions(self) -> list[tuple[int, str]]:
+        """``(round, snapshot id)`` of every kept round version, newest first."""
+        out = []
+        for info in self._repo.ancestry(branch=BRANCH):
+            meta = (info.metadata or {}).get("medustore")
+            if isinstance(meta, dict) and isinstance(meta.get("round"), int):
+                out.append((meta["round"], info.id))
+        return out
+
+    def snapshot_of(self, round: int) -> str:
+        """The snapshot id of the version committed by ``round``."""
+        try:
+            return self._repo.lookup_tag(_TAG.format(round))
+        except icechunk.IcechunkError:
+            pass
+        kept = self.versions()
+        for t, sid in kept:
+            if t == round:
+                return sid
+        rounds = sorted(t for t, _ in kept)
+        raise VersionNotKeptError(
+            f"{self.location.text} keeps no version as of round {round} (kept: "
+            f"{', '.join(map(str, rounds)) or 'none'}; tagged: "
+            f"{', '.join(sorted(self._repo.list_tags())) or 'none'}); keep more with "
+            "Retention(keep_versions=N) or tag rounds with store.tag(round)")
+
+    def head(self) -> str | None:
+        return None if self._repo is None else self._repo.lookup_branch(BRANCH)
+
+    # ------------------------------------------------------------------ writing
+
+    @contextmanager
+    def transaction(self, *, parent: str | None, round: int,
+                    message: str) -> Iterator[tuple[zarr.Group, list[str]]]:
+        """A writable root group; committed on a clean exit, discarded on an exception.
+
+        ``parent`` is the snapshot this writer last saw (None: the first transaction of a
+        new repository); the id of the new snapshot is appended to the yielded list.
+        """
+        session = self._repo.writable_session(BRANCH)
+        if parent is not None and session.snapshot_id != parent:
+            raise ConcurrentWriteError(
+                f"{self.location.text}: another writer committed since this one opened the "
+                "archive; reopen it to continue from the new state")
+        done: list[str] = []
+        group = zarr.open_group(session.store, mode="r+")
+        yield group, done
+        try:
+            sid = session.commit(message, metadata={"medustore": {"round": round}})
+        except icechunk.ConflictError:
+            raise ConcurrentWriteError(
+                f"{self.location.text}: another writer committed round data first; this "
+                f"writer's round {round} was not written. Reopen the archive to continue "
+                "from the new state") from None
+        done.append(sid)
+
+    def initial_transaction(self) -> Any:
+        """Writable session of a new repository, to lay the archive out."""
+        return self._repo.writable_session(BRANCH)
+
+    def tag(self, round: int) -> None:
+        """Keep the version committed by ``round`` whatever the retention says."""
+        sid = self.snapshot_of(round)
+        name = _TAG.format(round)
+        if name not in self._repo.list_tags():
+            self._repo.create_tag(name, sid)
+
+    def compact(self, retention: Retention, grace: float | None = None) -> Any:
+        """Expire versions that retention does not keep and delete what only they used.
+
+        A version replaced less than ``grace`` seconds ago is kept (readers may hold it).
+        Returns Icechunk's garbage-collection summary, or None when nothing could expire.
+        """
+        grace = retention.grace if grace is None else grace
+        snaps = list(self._repo.ancestry(branch=BRANCH))
+        if len(snaps) < 2:
+            return None
+        limit = _now() - dt.timedelta(seconds=grace)
+        keep = min(retention.keep_versions, len(snaps)) - 1
+        while keep + 1 < len(snaps) and snaps[keep].written_at > limit:
+            keep += 1  # snapshot keep+1 was replaced by snaps[keep] within the grace
+        cutoff = snaps[keep].written_at
+        try:
+            self._repo.expire_snapshots(cutoff)
+            return self._repo.garbage_collect(cutoff)
+        except icechunk.IcechunkError as err:
+            raise DamagedArchiveError(f"{self.location.text}: compaction failed: {err}") from err
+
+    def garbage(self) -> Any:
+        """What a compaction would delete now (a dry run)."""
+        return self._repo.garbage_collect(_now(), dry_run=True)

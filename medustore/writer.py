@@ -1,0 +1,292 @@
+"""Recording a round: `plan_round` (pure: validate and compute) then `write_round` (write).
+
+Everything that can be refused is refused by `plan_round`, before anything is written: bad
+round numbers, weights whose sum or quotients leave the float range, updates whose
+differentials, aggregate or next model overflow the stored precision, accumulator terms
+that overflow. `write_round` then appends the round's rows inside a transaction that
+commits whole or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from medustore.archive.reader import ATTR, chunk_key
+from medustore.archive.table import TABLE, codec_args
+from medustore.index import ArchiveIndex, Settings, chain, parse_round, parse_user, user_text
+from medustore.layout import ModelLayout
+
+__all__ = ["RoundPlan", "RoundSummary", "initial_tables", "plan_round", "write_round"]
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """What `UpdateStore.record_round` wrote."""
+
+    round: int
+    participants: int
+    stored: int
+    nbytes: int
+
+    def __iter__(self):  # unpacks like the tuple it used to be
+        return iter((self.round, self.participants, self.stored, self.nbytes))
+
+
+@dataclass(frozen=True, eq=False)
+class RoundPlan:
+    """A validated round, ready to write (participants sorted by user column)."""
+
+    round: int
+    users: tuple[Any, ...]
+    cols: np.ndarray
+    new_users: tuple[Any, ...]
+    weights: np.ndarray
+    dvecs: tuple[np.ndarray, ...]
+    dnorm: np.ndarray
+    keep: np.ndarray
+    znorm: np.ndarray
+    evar: np.ndarray
+    hbar: np.ndarray
+    anorm: float
+    agg_evar: float
+    model: np.ndarray
+    initial: np.ndarray | None
+    acc_terms: tuple[np.ndarray, ...] | None
+
+
+def _parse_updates(layout: ModelLayout, updates: Any) -> tuple[list[Any], list[np.ndarray]]:
+    if _is_module(updates):
+        raise TypeError("updates must map users to updates; got a torch module")
+    pairs = updates.items() if isinstance(updates, Mapping) else updates
+    if not isinstance(pairs, Iterable):
+        raise TypeError("updates must be a mapping or (user, update) pairs")
+    users, vecs, seen = [], [], set()
+    for item in pairs:
+        try:
+            user, update = item
+        except (TypeError, ValueError):
+            raise TypeError("updates must be a mapping or (user, update) pairs") from None
+        u = parse_user(user)
+        if u in seen:
+            raise ValueError(f"user {u!r} appears twice in this round")
+        seen.add(u)
+        users.append(u)
+        vecs.append(layout.flatten(update, f"update of user {u!r}"))
+    if not users:
+        raise ValueError("a round needs at least one user's update")
+    return users, vecs
+
+
+def _is_module(obj: Any) -> bool:
+    return any(c.__module__.startswith("torch.nn") for c in type(obj).__mro__)
+
+
+def _parse_weights(users: list[Any], weights: Mapping[Any, float] | None) -> np.ndarray:
+    if weights is None:
+        return np.ones(len(users))
+    given = {parse_user(u): w for u, w in weights.items()}
+    missing = [u for u in users if u not in given]
+    extra = [u for u in given if u not in set(users)]
+    if missing or extra:
+        raise ValueError(f"weights do not match the round's users (missing {missing}, "
+                         f"extra {extra})")
+    p = np.empty(len(users))
+    for i, u in enumerate(users):
+        w = given[u]
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (
+                math.isfinite(w) and w > 0):
+            raise ValueError(f"weight of user {u!r} must be finite and > 0, got {w!r}")
+        p[i] = float(w)
+    with np.errstate(over="ignore"):
+        total = float(p.sum())
+    if not math.isfinite(total):
+        raise ValueError(f"the round's weights sum past the float range ({total}); scale them "
+                         "down (only their ratios matter)")
+    if (p / total == 0).any():
+        raise ValueError("a weight is so small against the round's total that its share "
+                         "underflows to 0; scale the weights to a narrower range")
+    return p
+
+
+def _overflow(x: np.ndarray, dtype: Any) -> bool:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return not bool(np.isfinite(x.astype(dtype)).all())
+
+
+def plan_round(index: ArchiveIndex, round: Any, updates: Any,
+               weights: Mapping[Any, float] | None, w_before: np.ndarray | None) -> RoundPlan:
+    """Validate a round and compute everything it stores (nothing is written)."""
+    settings, layout, pol = index.settings, index.layout, index.policy
+    t = parse_round(round)
+    last = index.last_round
+    if last is not None and t <= last:
+        raise ValueError(f"round {t} is not above the last committed round {last}; rounds "
+                         "must be recorded in increasing order")
+    users, vecs = _parse_updates(layout, updates)
+    p = _parse_weights(users, weights)
+    new = [u for u in users if u not in index._col]
+    col_of = {u: index._col.get(u, len(index.users) + new.index(u) if u in new else -1)
+              for u in users}
+    order = np.argsort([col_of[u] for u in users], kind="stable")
+    users = [users[i] for i in order]
+    vecs = [vecs[i] for i in order]
+    p = p[order]
+    cols = np.array([col_of[u] for u in users], dtype=np.int64)
+
+    P = float(p.sum())
+    hbar = np.zeros(layout.size, dtype=np.float64)
+    for pu, h in zip(p, vecs, strict=True):
+        hbar += (pu / P) * h.astype(np.float64)  # a float32 product would round first
+    if _overflow(hbar, np.float32):
+        raise ValueError("the round's aggregate overflows float32")
+    dvecs = []
+    for u, h in zip(users, vecs, strict=True):
+        d = h.astype(np.float64) - hbar
+        if _overflow(d, np.float32):
+            raise ValueError(f"the differential of user {u!r} (update minus the round's "
+                             "aggregate) overflows float32; the updates are too large")
+        dvecs.append(d.astype(np.float32))
+    dnorm = np.array([np.linalg.norm(d.astype(np.float64)) for d in dvecs])
+    anorm = float(np.linalg.norm(hbar))
+    if not (np.isfinite(dnorm).all() and math.isfinite(anorm)):
+        raise ValueError("the round's updates are too large: their norms overflow float64")
+    keep = pol.select(users, p, dnorm, anorm)
+    znorm, evar = np.zeros(len(users)), np.zeros(len(users))
+    for i in np.flatnonzero(keep):
+        evar[i], znorm[i], _ = pol.expected_error(dvecs[i])
+
+    model = w_before + hbar
+    if _overflow(model, settings.model_dtype):
+        raise ValueError(f"the next global model (w_t + aggregate) overflows "
+                         f"{np.dtype(settings.model_dtype)}")
+    hbar32 = hbar.astype(np.float32)
+    agg_evar = pol.expected_aggregate_error(hbar32) if pol.keep_aggregates else 0.0
+    acc_terms = None
+    if settings.accumulators:
+        terms = []
+        for i, d in enumerate(dvecs):
+            rest = P - p[i]
+            with np.errstate(over="ignore", invalid="ignore"):
+                term = hbar if rest <= 0 else (p[i] / rest) * d.astype(np.float64)
+            if not np.isfinite(term).all():
+                raise ValueError(f"the accumulator term of user {users[i]!r} overflows: its "
+                                 "weight dwarfs the rest of the round's")
+            terms.append(term)
+        acc_terms = tuple(terms)
+    return RoundPlan(
+        round=t, users=tuple(users), cols=cols, new_users=tuple(new), weights=p,
+        dvecs=tuple(dvecs), dnorm=dnorm, keep=keep, znorm=znorm, evar=evar, hbar=hbar32,
+        anorm=anorm, agg_evar=float(agg_evar), model=model.astype(settings.model_dtype),
+        initial=w_before.astype(settings.model_dtype) if index.n_rounds == 0 else None,
+        acc_terms=acc_terms)
+
+
+# ---------------------------------------------------------------------- writing
+
+
+def _grow(arr: zarr.Array, rows: int) -> None:
+    arr.resize((rows, *arr.shape[1:]))
+
+
+def write_round(group: zarr.Group, index: ArchiveIndex, plan: RoundPlan,
+                read_acc: Any) -> tuple[ArchiveIndex, int]:
+    """Append ``plan`` to the writable root ``group``; returns the new index and the
+    encoded bytes of the round's records. ``read_acc(col)`` reads an accumulator row."""
+    settings = index.settings
+    arrays = {s.name: group[s.name].with_config({"write_empty_chunks": True})
+              for s in TABLE if s.exists(settings.flags())}
+    R, E, N, U = index.n_rounds, index.n_entries, index.n_records, len(index.users)
+    n, k = len(plan.users), int(plan.keep.sum())
+    U2 = U + len(plan.new_users)
+
+    # Records first: their encoded sizes go into the index rows.
+    rec = arrays["records"]
+    _grow(rec, N + k)
+    record_ids = np.full(n, -1, dtype=np.int64)
+    nbytes = np.zeros(n, dtype=np.int64)
+    n_chunks = math.ceil(index.layout.size / settings.chunk)
+    for j, i in enumerate(np.flatnonzero(plan.keep)):
+        record_ids[i] = N + j
+        rec[N + j, :] = plan.dvecs[i]
+        nbytes[i] = sum(int(sync(group.store.getsize(chunk_key(rec, (N + j, c)))))
+                        for c in range(n_chunks))
+
+    rounds_row = np.array([[plan.round, n, U2]], dtype=np.int64)
+    facts_row = np.array([[plan.anorm, plan.agg_evar]])
+    entries = np.stack([plan.cols, record_ids, nbytes], axis=1).astype(np.int64)
+    efacts = np.stack([plan.weights, plan.dnorm, plan.znorm, plan.evar], axis=1)
+    for name, rows, start in (("rounds", rounds_row, R), ("round_facts", facts_row, R),
+                              ("entries", entries, E), ("entry_facts", efacts, E)):
+        _grow(arrays[name], start + rows.shape[0])
+        arrays[name][start:start + rows.shape[0], :] = rows
+    new_text = [user_text(u) for u in plan.new_users]
+    if new_text:
+        _grow(arrays["users"], U2)
+        arrays["users"][U:U2] = np.array(new_text, dtype=object)
+    if "aggregate" in arrays:
+        _grow(arrays["aggregate"], R + 1)
+        arrays["aggregate"][R, :] = plan.hbar
+    if plan.acc_terms is not None:
+        acc = arrays["acc"]
+        _grow(acc, U2)
+        for i, col in enumerate(plan.cols):
+            col = int(col)
+            base = read_acc(col) if col < U else 0.0
+            acc[col, :] = base + plan.acc_terms[i]
+    if plan.initial is not None:
+        arrays["initial"][:] = plan.initial
+    arrays["model"][:] = plan.model
+
+    digest = chain(bytes.fromhex(index.digest), rounds_row[0], facts_row[0], entries, efacts,
+                   new_text)
+    old = index.tables()
+    new_index = ArchiveIndex.from_tables(
+        settings, (*index.users, *plan.new_users),
+        np.concatenate([old[0], rounds_row]), np.concatenate([old[1], facts_row]),
+        np.concatenate([old[2], entries]), np.concatenate([old[3], efacts]), digest.hex())
+    write_meta(group, settings, new_index)
+    return new_index, int(nbytes.sum())
+
+
+def write_meta(group: zarr.Group, settings: Settings, index: ArchiveIndex) -> None:
+    """The ``medustore`` attribute: settings, counts and the index digest."""
+    group.attrs[ATTR] = {**settings.to_json(), "counts": index.counts(),
+                         "digest": index.digest}
+
+
+def initial_tables(settings: Settings) -> ArchiveIndex:
+    """The index of an archive with no round yet."""
+    empty_i = np.zeros((0, 3), dtype=np.int64)
+    empty_f = np.zeros((0, 2))
+    return ArchiveIndex.from_tables(settings, (), empty_i, empty_f, empty_i,
+                                    np.zeros((0, 4)), settings.digest0().hex())
+
+
+def create_arrays(group: zarr.Group, settings: Settings, serializers: Mapping[str, Any],
+                  initial: np.ndarray) -> ArchiveIndex:
+    """Lay out a new archive in ``group`` (every declared array, empty) with ``w_0``."""
+    index = initial_tables(settings)
+    counts, m = index.counts(), settings.layout.size
+    chunk = settings.chunk
+    for s in TABLE:
+        if not s.exists(settings.flags()):
+            continue
+        group.create_array(
+            s.name, shape=s.shape(counts, m), chunks=s.chunk_shape(chunk),
+            dtype=s.numpy_dtype(settings.model_dtype), fill_value=s.fill(),
+            dimension_names=s.dims, config={"write_empty_chunks": True},
+            **codec_args(s, serializers))
+    init = initial.astype(settings.model_dtype)
+    group["initial"].with_config({"write_empty_chunks": True})[:] = init
+    group["model"].with_config({"write_empty_chunks": True})[:] = init
+    write_meta(group, settings, index)
+    return index
+
