@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import struct
+import tracemalloc
 import warnings
+from collections.abc import Callable
 
 import numcodecs
 import numpy as np
 import pytest
+from _numcodecs_checks import check_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numcodecs.tests.common import check_config
+from pcodec import ChunkConfig, standalone
 
 from medustore.codecs import LATTICES, LatticeCodec, get_lattice
-from medustore.codecs.lattice import dither
+from medustore.codecs._format import MAX_VALUES_PER_BYTE, VALUE_ALLOWANCE
+from medustore.codecs.lattice import chunk_streams, dither
 from medustore.testing import (
     FLOAT_DTYPES,
     LATTICE_FIELDS,
@@ -589,3 +594,116 @@ def test_keyed_seeds_are_unbiased_across_keys() -> None:
         mean += codec.decode(codec.encode(x)) / runs
     sigma = np.sqrt(codec.error_variance(x) / runs)
     assert np.max(np.abs(mean - x)) < 6 * sigma
+
+
+# ---------------------------------------------------------------- bounded decoding memory
+
+
+def claim_limit(buf: bytes) -> int:
+    return VALUE_ALLOWANCE + MAX_VALUES_PER_BYTE * len(buf)
+
+
+def refused_cheaply(decode: Callable[[], object], match: str = "claims") -> None:
+    """``decode`` raises ValueError(match) without tracing more than 1 MiB or taking 1 s
+    (generous: a refusal allocates nothing proportional to the claim)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=match):
+            decode()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak} bytes traced before the refusal"
+
+
+def constant_stream_chunk(count: int) -> bytes:
+    """A valid coded Z chunk (float64, scale 1) whose index stream is all zeros: pcodec
+    packs it at ~20000 values per byte, the densest a chunk can claim."""
+    stream = standalone.simple_compress(np.zeros(count, dtype=np.int32), ChunkConfig())
+    head = struct.pack("<BBBQdQBH", get_lattice("Z").code, 3, 1, count, 1.0, 7, 4, 1)
+    return reframe(b"MDLC\x01" + head + struct.pack("<Q", len(stream)) + stream)
+
+
+@pytest.mark.parametrize("count", [2**23, 2**28, 2**28 + 1, 2**40])
+def test_zero_chunk_claiming_too_much_is_refused(count: int) -> None:
+    # 39 bytes used to decode to 2**28 float64 values (2 GiB).
+    buf = edit_field(LatticeCodec().encode(np.zeros(8)), LATTICE_FIELDS, "count", count)
+    assert len(buf) == 39
+    refused_cheaply(lambda: LatticeCodec().decode(buf), "claims|limit")
+
+
+def test_claim_limit_is_exact() -> None:
+    zero = LatticeCodec().encode(np.zeros(8, dtype=np.float16))
+    limit = claim_limit(zero)
+    assert LatticeCodec().decode(edit_field(zero, LATTICE_FIELDS, "count", limit)).size == limit
+    with pytest.raises(ValueError, match=rf"39 bytes claims {limit + 1} values.*{limit}"):
+        LatticeCodec().decode(edit_field(zero, LATTICE_FIELDS, "count", limit + 1))
+
+
+def test_hostile_constant_streams_are_refused() -> None:
+    # A consistent chunk: its streams really hold 2**25 indices (~1.6 KB). Before the bound
+    # a 13 KB chunk of this kind took 5.6 s and 3.3 GiB to decode.
+    buf = constant_stream_chunk(2**25)
+    assert len(buf) < 4096
+    assert len(chunk_streams(constant_stream_chunk(2**16))[0]) == 2**16  # well formed
+    refused_cheaply(lambda: LatticeCodec().decode(buf))
+    refused_cheaply(lambda: chunk_streams(buf))
+    # With `out` too: the index arrays and pcodec's work grow with the count.
+    out = np.empty(2**25, dtype=np.float64)
+    refused_cheaply(lambda: LatticeCodec().decode(buf, out=out))
+
+
+def test_dense_chunk_within_the_allowance_decodes() -> None:
+    buf = constant_stream_chunk(VALUE_ALLOWANCE)
+    assert VALUE_ALLOWANCE / len(buf) > MAX_VALUES_PER_BYTE  # only the allowance admits it
+    dec = LatticeCodec().decode(buf)
+    assert dec.shape == (VALUE_ALLOWANCE,) and dec.dtype == np.float64
+
+
+LEGIT_EXTREMES = {  # name: (codec, input of 2**22 values), the densest measured chunks
+    "zeros": (LatticeCodec("E8", bits=4, seed=1), lambda n: np.zeros(n, dtype="f4")),
+    "zeros-step": (LatticeCodec("Z", step=1.0, seed=1), lambda n: np.zeros(n, dtype="f2")),
+    "mid-cell": (LatticeCodec("Z", step=1.0, seed=2), lambda n: np.full(n, 0.5, dtype="f4")),
+    "constant": (LatticeCodec("Z", bits=1.05, seed=3), lambda n: np.full(n, 3.0, dtype="f8")),
+    "coarse": (LatticeCodec("D4", step=1e6, seed=4),
+               lambda n: np.random.default_rng(5).normal(size=n).astype("f4")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGIT_EXTREMES))
+def test_legitimate_extremes_decode(name: str) -> None:
+    codec, make = LEGIT_EXTREMES[name]
+    x = make(VALUE_ALLOWANCE)
+    enc = codec.encode(x)
+    dec = LatticeCodec().decode(enc)
+    assert dec.dtype == x.dtype and dec.size == x.size
+    if lattice_header(enc).mode == 0:
+        assert not dec.any()
+    else:
+        check_lattice_guarantee(codec.lattice, x, dec, lattice_header(enc).scale)
+    # A quarter larger, past the allowance: a zero chunk needs `out`; coded ones decode...
+    big = np.concatenate([x, x[: x.size // 4]])
+    enc = codec.encode(big)
+    if lattice_header(enc).mode == 0:
+        with pytest.raises(ValueError, match="claims"):
+            LatticeCodec().decode(enc)
+        assert not LatticeCodec().decode(enc, out=np.empty_like(big)).any()
+    elif big.size <= claim_limit(enc):
+        assert LatticeCodec().decode(enc).size == big.size
+    else:  # ...but mid-cell constants on Z, denser than the bound allows even with `out`.
+        assert name == "mid-cell"
+        with pytest.raises(ValueError, match="claims"):
+            LatticeCodec().decode(enc, out=np.empty_like(big))
+
+
+@settings(max_examples=scaled_examples(100))
+@given(key=st.sampled_from(sorted(VALID)), near=st.booleans(),
+       value=st.one_of(st.integers(-64, 64), st.integers(0, 2**34)))
+def test_fuzz_claimed_counts(key: str, near: bool, value: int) -> None:
+    # Any count: decoded consistently or refused with ValueError; over the bound, refused.
+    count = max(claim_limit(VALID[key]) + value, 0) if near else abs(value)
+    buf = edit_field(VALID[key], LATTICE_FIELDS, "count", count)
+    if count > claim_limit(buf):
+        refused_cheaply(lambda: LatticeCodec().decode(buf), "claims|limit")
+    else:
+        decode_or_value_error(buf)

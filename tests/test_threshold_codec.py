@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import struct
+import tracemalloc
 import warnings
 
 import numcodecs
 import numpy as np
 import pytest
+from _numcodecs_checks import check_config, check_encode_decode_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numcodecs.tests.common import check_config, check_encode_decode_array
 
 from medustore.codecs import DiffThresholdCodec, LatticeCodec, threshold_info
+from medustore.codecs._format import MAX_VALUES_PER_BYTE, VALUE_ALLOWANCE
 from medustore.testing import (
     FLOAT_DTYPES,
     THRESHOLD_FIELDS,
@@ -204,7 +208,6 @@ CODECS = [
     DiffThresholdCodec(threshold=0.01),
     DiffThresholdCodec(relative=0.5, inner=LatticeCodec("E8", bits=3, seed=5)),
     DiffThresholdCodec(threshold=2.0, inner=LatticeCodec("Z", step=0.1)),
-    DiffThresholdCodec(threshold=0.0, inner=numcodecs.Zstd(level=3)),
 ]
 
 
@@ -218,8 +221,7 @@ def test_config_round_trip(codec: DiffThresholdCodec) -> None:
     rebuilt = DiffThresholdCodec.from_config({k: v for k, v in config.items() if k != "id"})
     assert rebuilt == codec and hash(rebuilt) == hash(codec)
     assert type(rebuilt.inner) is type(codec.inner)
-    names = {"DiffThresholdCodec": DiffThresholdCodec, "LatticeCodec": LatticeCodec,
-             "Zstd": numcodecs.Zstd}
+    names = {"DiffThresholdCodec": DiffThresholdCodec, "LatticeCodec": LatticeCodec}
     assert eval(repr(codec), names) == codec
 
 
@@ -231,12 +233,10 @@ def test_inner_codec_is_used() -> None:
         inner = threshold_header(enc).inner
         if isinstance(codec.inner, LatticeCodec):
             assert inner[:4] == b"MDLC"
-        elif codec.inner is None:
+        else:
             keep = expected_keep(x, codec.tau(x))
             assert inner == x[keep].tobytes()
             np.testing.assert_array_equal(dec, np.where(keep, x, 0))
-        else:
-            np.testing.assert_array_equal(dec, np.where(expected_keep(x, codec.tau(x)), x, 0))
 
 
 def test_equality_is_by_config() -> None:
@@ -260,8 +260,61 @@ def test_bad_constructor_args(kwargs: dict) -> None:
 
 
 def test_inner_must_be_a_codec() -> None:
-    with pytest.raises(TypeError, match="numcodecs Codec"):
+    with pytest.raises(TypeError, match="LatticeCodec, its config dict or None"):
         DiffThresholdCodec(inner=42)  # type: ignore[arg-type]
+
+
+class _Tripwire(numcodecs.abc.Codec):
+    """A registered codec whose construction or decoding fails the test."""
+
+    codec_id = "medustore-test.tripwire"
+
+    def __init__(self, **_config: object) -> None:
+        raise AssertionError("an inner codec other than the lattice was built")
+
+    def encode(self, buf: object) -> bytes:  # pragma: no cover - never built
+        raise AssertionError("encode")
+
+    def decode(self, buf: object, out: object = None) -> object:  # pragma: no cover
+        raise AssertionError("decode")
+
+
+numcodecs.register_codec(_Tripwire)
+REFUSED_IDS = ["pickle", "zstd", "blosc", "medustore.diffthreshold", "no.such.codec",
+               _Tripwire.codec_id, "", None, 42]
+
+
+@pytest.mark.parametrize("codec_id", REFUSED_IDS)
+def test_inner_config_ids_are_refused(codec_id: object) -> None:
+    # Refused by id before anything is built from the config (the tripwire would fire),
+    # from the constructor, from_config and the numcodecs registry alike.
+    inner = {} if codec_id is None else {"id": codec_id}
+    message = rf"inner codec {re.escape(repr(codec_id))} is not accepted.*'medustore\.lattice'"
+    builders = [
+        lambda: DiffThresholdCodec(inner=inner),
+        lambda: DiffThresholdCodec.from_config({"threshold": 0.1, "inner": inner}),
+        lambda: numcodecs.get_codec({"id": "medustore.diffthreshold", "inner": inner}),
+    ]
+    for build in builders:
+        with pytest.raises(ValueError, match=message):
+            build()
+
+
+@pytest.mark.parametrize("codec", [numcodecs.Pickle(), numcodecs.Zstd(level=1),
+                                   numcodecs.Shuffle(), DiffThresholdCodec()], ids=repr)
+def test_inner_codec_objects_are_refused(codec: numcodecs.abc.Codec) -> None:
+    with pytest.raises(ValueError, match=rf"inner codec '{re.escape(codec.codec_id)}' is not"):
+        DiffThresholdCodec(inner=codec)
+
+
+def test_reassigned_inner_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An `inner` swapped in after construction is checked before the chunk is read.
+    codec = DiffThresholdCodec(threshold=0.1)
+    enc = codec.encode(make_array("gaussian", (64,), "f4", 1.0, seed=9))
+    monkeypatch.setattr(numcodecs.Pickle, "decode", _Tripwire.decode)
+    codec.inner = numcodecs.Pickle()
+    with pytest.raises(ValueError, match="inner codec 'pickle' is not accepted"):
+        codec.decode(enc)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -378,3 +431,102 @@ def test_mutations_without_new_checksum_are_refused(key: str) -> None:
         flipped[i] ^= 0x01
         with pytest.raises(ValueError):
             codec.decode(bytes(flipped))
+
+
+# ---------------------------------------------------------------- bounded decoding memory
+
+
+def claim_limit(buf: bytes) -> int:
+    return VALUE_ALLOWANCE + MAX_VALUES_PER_BYTE * len(buf)
+
+
+def zeroed_chunk(count: int, dtype: str = "f8") -> bytes:
+    """A consistent chunk of ``count`` zeroed values, packed by hand (no input array):
+    zstd stores the all-zero mask in ~1 byte per 32 KiB of it."""
+    mask = bytes(numcodecs.Zstd(level=1).encode(np.zeros(-(-count // 8), dtype=np.uint8)))
+    head = struct.pack("<BBQdQdQQ", {"f2": 1, "f4": 2, "f8": 3}[dtype], 1, count, 1.0, 0,
+                       0.0, len(mask), 0)
+    return reframe(b"MDDT\x01" + head + mask)
+
+
+@pytest.mark.parametrize("count", [2**23, 2**26])
+def test_hostile_mask_is_refused_before_allocating(count: int) -> None:
+    buf = zeroed_chunk(count)
+    assert count / len(buf) > 10_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"{len(buf)} bytes claims {count} values"):
+            DiffThresholdCodec().decode(buf)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak} bytes traced before the refusal"
+
+
+def test_zeroed_chunk_beyond_the_allowance_decodes_with_out() -> None:
+    # With `out` the caller sized the output; the mask costs ~1.1 byte per value more.
+    count = VALUE_ALLOWANCE + 2**20
+    out = np.full(count, 7.0, dtype=np.float16)
+    DiffThresholdCodec().decode(zeroed_chunk(count, "f2"), out=out)
+    assert not out.any()
+
+
+def test_claim_limit_is_exact() -> None:
+    buf = CHUNKS["allzero"]
+    limit = claim_limit(buf)
+    edited = edit_field(buf, THRESHOLD_FIELDS, "count", limit + 1)
+    with pytest.raises(ValueError, match=rf"claims {limit + 1} values.*{limit}"):
+        DiffThresholdCodec().decode(edited)
+    # At the limit the count is admitted, and the (now too short) mask is what fails.
+    with pytest.raises(ValueError, match="mask"):
+        DiffThresholdCodec().decode(edit_field(buf, THRESHOLD_FIELDS, "count", limit))
+
+
+SPARSE = {  # name: (codec, survivors) on 2**22 values: the densest thresholded chunks
+    "none": (DiffThresholdCodec(), 0),
+    "one": (DiffThresholdCodec(), 1),
+    "one-lattice": (DiffThresholdCodec(inner=LatticeCodec("E8", bits=1, seed=1)), 1),
+    "few-lattice": (DiffThresholdCodec(inner=LatticeCodec("Z", step=1e6, seed=2)), 4096),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_sparse_masks_within_the_allowance_decode(name: str) -> None:
+    codec, survivors = SPARSE[name]
+    x = np.zeros(VALUE_ALLOWANCE, dtype=np.float32)
+    x[np.random.default_rng(10).choice(x.size, survivors, replace=False)] = 1.5
+    enc = codec.encode(x)
+    assert x.size / len(enc) > MAX_VALUES_PER_BYTE  # only the allowance admits it
+    dec = codec.decode(enc)
+    assert dec.dtype == x.dtype and dec.size == x.size
+    assert np.all(dec[x == 0] == 0)
+    if codec.inner is None:
+        np.testing.assert_array_equal(dec, x)
+
+
+@settings(max_examples=scaled_examples(100))
+@given(key=st.sampled_from(sorted(CHUNKS)), near=st.booleans(),
+       value=st.one_of(st.integers(-64, 64), st.integers(0, 2**34)))
+def test_fuzz_claimed_counts(key: str, near: bool, value: int) -> None:
+    # Any count: decoded consistently or refused with ValueError; over the bound, refused.
+    count = max(claim_limit(CHUNKS[key]) + value, 0) if near else abs(value)
+    buf = edit_field(CHUNKS[key], THRESHOLD_FIELDS, "count", count)
+    if count > claim_limit(buf):
+        with pytest.raises(ValueError, match="claims|limit"):
+            VALID[key][0].decode(buf)
+    else:
+        decode_or_value_error(VALID[key][0], buf)
+
+
+@settings(max_examples=scaled_examples(200))
+@given(inner=st.one_of(
+    st.none(), st.dictionaries(st.sampled_from(["id", "lattice", "bits", "step", "seed"]),
+                               st.one_of(st.text(max_size=20), st.integers(), st.floats(),
+                                         st.sampled_from(["medustore.lattice", "pickle"])))))
+def test_fuzz_inner_configs(inner: dict | None) -> None:
+    # Any config either builds a lattice inner (or none) or raises ValueError/TypeError.
+    try:
+        codec = DiffThresholdCodec(inner=inner)
+    except (ValueError, TypeError):
+        return
+    assert codec.inner is None or type(codec.inner) is LatticeCodec

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -18,8 +19,19 @@ import zarr
 
 import medustore
 from medustore.codecs import DiffThresholdCodec, LatticeCodec
-from medustore.codecs.zarr3 import DiffThresholdZarrCodec, LatticeZarrCodec
-from medustore.testing import check_lattice_guarantee, lattice_header, make_array
+from medustore.codecs.zarr3 import (
+    DiffThresholdZarrCodec,
+    LatticeZarrCodec,
+    NumcodecsArrayBytesCodec,
+)
+from medustore.testing import (
+    LATTICE_FIELDS,
+    THRESHOLD_FIELDS,
+    check_lattice_guarantee,
+    edit_field,
+    lattice_header,
+    make_array,
+)
 
 SHAPE, CHUNKS = (6, 50), (4, 32)  # edge chunks in both dimensions
 
@@ -253,3 +265,57 @@ def test_memory_store_round_trip(dtype: str) -> None:
     expected = np.where(np.abs(x.astype(np.float64)) > 0.3, x, 0).astype(dtype)
     np.testing.assert_array_equal(a[:], expected)
     np.testing.assert_array_equal(a[1:5, 10:40], expected[1:5, 10:40])
+
+
+# ---------------------------------------------------------------- hostile stores
+
+
+SERIALIZERS = {
+    "lattice": (LatticeZarrCodec(lattice="D4", bits=4, seed=11), LatticeCodec("D4", bits=4,
+                                                                              seed=11)),
+    "threshold": (DiffThresholdZarrCodec(threshold=0.3), DiffThresholdCodec(threshold=0.3)),
+}
+
+
+def _one_chunk_array(root: Path, serializer: NumcodecsArrayBytesCodec) -> zarr.Array:
+    a = zarr.create_array(root, shape=(256,), chunks=(128,), dtype="f4", serializer=serializer,
+                          compressors=None)
+    a[:] = data("f4").reshape(-1)[:256]
+    return a
+
+
+@pytest.mark.parametrize("kind", sorted(SERIALIZERS))
+@pytest.mark.parametrize("count", [100, 200, 2**26])
+def test_chunk_of_another_size_is_refused(tmp_path: Path, kind: str, count: int) -> None:
+    # A chunk replaced by a valid chunk of another size: refused naming both counts, before
+    # anything proportional to the claim is allocated (2**26 float32 would be 256 MiB).
+    serializer, codec = SERIALIZERS[kind]
+    a = _one_chunk_array(tmp_path / "a.zarr", serializer)
+    small = codec.encode(make_array("gaussian", (200,), "f4", 1.0, seed=12)[: min(count, 200)])
+    fields = (LATTICE_FIELDS if kind == "lattice" else THRESHOLD_FIELDS)
+    (tmp_path / "a.zarr" / "c" / "1").write_bytes(edit_field(small, fields, "count", count))
+    np.testing.assert_array_equal(a[:128], zarr.open_array(tmp_path / "a.zarr")[:128])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"holds {count} values but `out` has room for 128"):
+            zarr.open_array(tmp_path / "a.zarr", mode="r")[128:]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20
+
+
+@pytest.mark.parametrize("inner", [{"id": "pickle"}, {"id": "zstd", "level": 1},
+                                   {"id": "no.such.codec"}])
+def test_store_naming_another_inner_codec_is_refused(tmp_path: Path, inner: dict) -> None:
+    # An archive whose metadata names an inner codec other than the lattice cannot be read:
+    # the adapter is refused when zarr builds it from zarr.json, before any chunk is read.
+    _one_chunk_array(tmp_path / "a.zarr", DiffThresholdZarrCodec(threshold=0.3))
+    meta_path = tmp_path / "a.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"][0]["configuration"]["inner"] = inner
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"inner codec '{inner['id']}' is not accepted"):
+        zarr.open_array(tmp_path / "a.zarr", mode="r")[:]
+    with pytest.raises(ValueError, match="is not accepted"):
+        DiffThresholdZarrCodec.from_dict(meta["codecs"][0])

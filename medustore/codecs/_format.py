@@ -5,6 +5,34 @@ is given by the codec, after a 4-byte magic and a 1-byte format version) and end
 CRC-32 of everything before it. Readers check the magic, the version, the checksum and
 every length against the buffer *before* acting on a header field, so a truncated,
 corrupted or hostile buffer raises `ValueError` and never drives an allocation.
+
+Bounded decoding memory. A header's element count is checked before anything is
+allocated for it:
+
+* with an output buffer ``out`` the count must equal the buffer's (`check_count`): the
+  caller sized what decoding allocates;
+* without one, a chunk of ``n`` bytes may claim at most
+  ``VALUE_ALLOWANCE + MAX_VALUES_PER_BYTE * n`` values (`check_claim`), and never more
+  than `MAX_ELEMENTS`.
+
+A coded lattice chunk is held to the `check_claim` bound even with ``out``: its index
+arrays (4 or 8 bytes per value), pcodec decompression and dither all grow with the count,
+and pcodec stores a constant stream in 1/20000 byte per value, so the count, not the
+buffer, would set the cost. Each codec's docstring states where the rule applies.
+
+The constants come from what legitimate chunks produce (``python
+benchmarks/bench_claims.py``, chunks of 2**22 values): coded lattice chunks of
+non-constant data hold at most 11 values per byte (very coarse steps, where the dither
+leaves about one bit per value); constant data packs denser on Z as it nears the middle
+of a cell, where the dither leaves a single index (640 values per byte at ``bits=1.05``,
+15768 exactly mid-cell: pcodec's ratio for a constant stream). Zero chunks (39 bytes) and
+thresholded chunks whose mask zstd packs (93 bytes for 2**22 values, all zeroed) hold
+more still. The allowance lets every chunk of up to 2**22 values through whatever its
+length, at a cost of about 70 MiB and 40 ms at most; beyond it, 256 values per byte is 23
+times the densest chunk of non-constant data, and bounds what a hostile chunk can make the
+decoder allocate to about 4 KiB per byte it holds. Larger chunks that pack denser (zero
+chunks, sparse masks) decode with ``out`` (the zarr v3 adapters always pass one); constant
+chunks on Z that pack denser than 256 values per byte are refused above 2**22 values.
 """
 
 from __future__ import annotations
@@ -18,8 +46,12 @@ __all__ = [
     "DTYPES",
     "DTYPE_CODES",
     "MAX_ELEMENTS",
+    "MAX_VALUES_PER_BYTE",
+    "VALUE_ALLOWANCE",
     "ChunkReader",
     "as_float_array",
+    "check_claim",
+    "check_count",
     "check_finite",
     "frame",
     "norm",
@@ -33,6 +65,14 @@ DTYPE_CODES: dict[np.dtype, int] = {dt: code for code, dt in DTYPES.items()}
 #: Largest element count a chunk may claim when the caller gives no output buffer
 #: (2**28 float64 values are 2 GiB). With ``out`` the count must equal ``out.size``.
 MAX_ELEMENTS = 2**28
+
+#: Values any chunk may claim whatever its length: 2**22 (32 MiB as float64, and as
+#: many again for int64 lattice indices). Covers zero chunks and sparse masks of that size.
+VALUE_ALLOWANCE = 2**22
+
+#: Values a chunk may claim per byte it holds, beyond `VALUE_ALLOWANCE`: 23 times the
+#: densest coded chunk of non-constant data measured (11 values per byte, coarse steps).
+MAX_VALUES_PER_BYTE = 256
 
 _CRC = struct.Struct("<I")
 
@@ -96,6 +136,7 @@ class ChunkReader:
         except TypeError as err:
             raise ValueError(f"{codec}: cannot read a chunk from {type(buf).__name__}") from err
         self.codec = codec
+        self.nbytes = len(data)
         if len(data) < len(magic) + 1 + _CRC.size:
             raise ValueError(f"{codec}: chunk of {len(data)} bytes is too short to be valid")
         if bytes(data[: len(magic)]) != magic:
@@ -158,4 +199,16 @@ def check_count(count: int, out: np.ndarray | None, codec: str) -> None:
         raise ValueError(
             f"{codec}: chunk claims {count} values, above the limit of {MAX_ELEMENTS} "
             "without an output buffer; pass `out=` of the right size"
+        )
+
+
+def check_claim(count: int, nbytes: int, codec: str) -> None:
+    """Refuse a count out of proportion to the chunk that claims it (see the module
+    docstring): at most ``VALUE_ALLOWANCE + MAX_VALUES_PER_BYTE * nbytes`` values."""
+    limit = VALUE_ALLOWANCE + MAX_VALUES_PER_BYTE * nbytes
+    if count > limit:
+        raise ValueError(
+            f"{codec}: a chunk of {nbytes} bytes claims {count} values, more than the "
+            f"{limit} its size allows ({VALUE_ALLOWANCE} + {MAX_VALUES_PER_BYTE} per byte); "
+            "corrupt or hostile chunk, refused before allocating"
         )

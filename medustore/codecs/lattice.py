@@ -25,6 +25,12 @@ Chunk format, version 1 (little-endian)::
     magic "MDLC" | version u8 | lattice u8 | dtype u8 | mode u8 (0 zero, 1 coded)
     count u64 | scale f64 (s) | seed u64 | index width u8 (4 or 8) | streams u16
     stream byte lengths u64 x streams | streams | crc32 u32
+
+Decoding memory is bounded before anything is allocated (rule and constants in
+`medustore.codecs._format`): with ``out`` the count must be the buffer's; a coded chunk
+may claim at most ``VALUE_ALLOWANCE + MAX_VALUES_PER_BYTE * len(chunk)`` values with or
+without ``out`` (its index arrays and pcodec work grow with the count); a zero chunk,
+which only writes zeros, is held to that bound without ``out`` only.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from medustore.codecs._format import (
     DTYPES,
     ChunkReader,
     as_float_array,
+    check_claim,
     check_count,
     check_finite,
     frame,
@@ -299,6 +306,8 @@ class LatticeCodec(Codec):
         dtype = DTYPES[dtype_code]
         out_arr = None if out is None else np.asarray(out)
         check_count(count, out_arr, "LatticeCodec")
+        if mode == _MODE_CODED or out is None:  # a zero chunk with `out` fills only `out`
+            check_claim(count, r.nbytes, "LatticeCodec")
         if mode == _MODE_ZERO:
             if nstreams != 0:
                 raise ValueError("LatticeCodec: corrupt header (zero chunk with streams)")
@@ -414,6 +423,7 @@ def chunk_streams(buf: object) -> list[np.ndarray]:
         return []
     if mode != _MODE_CODED or nstreams != lat.n_streams or width not in (4, 8):
         raise ValueError("LatticeCodec: corrupt chunk header")
+    check_claim(count, r.nbytes, "LatticeCodec")
     lengths = [r.unpack(_LEN)[0] for _ in range(nstreams)]
     payloads = [r.take(n) for n in lengths]
     r.finish()

@@ -1,16 +1,26 @@
 """`DiffThresholdCodec`: coordinate-level differential thresholding around an inner codec.
 
 Entries with ``|x_i| <= tau`` become exactly zero; a bit mask (zstd-packed) records the
-survivors, and only the survivors go through the inner codec (lossless by default,
-typically a `LatticeCodec`). Decoded zeros are exact: a subtractive dither alone would turn
-them into noise, which is why the mask exists. The header keeps what the error budget
-needs without the original data: the number of survivors and the norm of what was zeroed.
+survivors, and only the survivors go through the inner codec: a `LatticeCodec`, or none
+(the survivors' raw bytes, lossless). No other codec is accepted, from a constructor, a
+config or an archive's metadata: a config naming any numcodecs id (``pickle`` included)
+would otherwise run that codec's decoder on the archive's bytes. Decoded zeros are exact:
+a subtractive dither alone would turn them into noise, which is why the mask exists. The
+header keeps what the error budget needs without the original data: the number of
+survivors and the norm of what was zeroed.
 
 Chunk format, version 1 (little-endian)::
 
     magic "MDDT" | version u8 | dtype u8 | flags u8 (bit 0: mask present)
     count u64 | tau f64 | survivors u64 | zeroed norm f64 | mask bytes u64 | inner bytes u64
     mask (zstd of packbits, little bit order) | inner chunk | crc32 u32
+
+Decoding memory is bounded before anything is allocated (rule and constants in
+`medustore.codecs._format`): with ``out`` the count must be the buffer's, and the mask
+and the result cost at most 1.6 times the buffer on top of it; without ``out`` a chunk
+may claim at most
+``VALUE_ALLOWANCE + MAX_VALUES_PER_BYTE * len(chunk)`` values. The inner chunk is decoded
+into a buffer of the survivor count, under `LatticeCodec`'s own rule.
 """
 
 from __future__ import annotations
@@ -27,20 +37,57 @@ from medustore.codecs._format import (
     DTYPES,
     ChunkReader,
     as_float_array,
+    check_claim,
     check_count,
     check_finite,
     frame,
     norm,
     rms,
 )
+from medustore.codecs.lattice import LatticeCodec
 
-__all__ = ["DiffThresholdCodec", "ThresholdInfo", "threshold_info"]
+__all__ = ["INNER_CODEC_IDS", "DiffThresholdCodec", "ThresholdInfo", "inner_codec",
+           "threshold_info"]
 
 _MAGIC = b"MDDT"
 _VERSION = 1
 _HEAD = struct.Struct("<BBQdQdQQ")
 _MASK_PRESENT = 1
 _ZSTD = numcodecs.Zstd(level=1)
+#: The only inner codec id accepted (None, the default, stores survivors losslessly).
+INNER_CODEC_IDS: tuple[str, ...] = (LatticeCodec.codec_id,)
+
+
+def _refuse_inner(codec_id: object) -> ValueError:
+    return ValueError(
+        f"DiffThresholdCodec: inner codec {codec_id!r} is not accepted; `inner` must be "
+        f"{' or '.join(map(repr, INNER_CODEC_IDS))} (a LatticeCodec or its config) or None "
+        "(lossless)"
+    )
+
+
+def inner_codec(inner: object) -> LatticeCodec | None:
+    """The inner codec of a `DiffThresholdCodec`, built from ``inner`` if it is a config.
+
+    A config's id is checked before anything is built from it, so no other codec's
+    constructor runs; any other codec raises ValueError naming its id.
+    """
+    if inner is None:
+        return None
+    if isinstance(inner, dict):
+        config = dict(inner)
+        codec_id = config.pop("id", None)
+        if codec_id not in INNER_CODEC_IDS:
+            raise _refuse_inner(codec_id)
+        return LatticeCodec.from_config(config)
+    if isinstance(inner, Codec):
+        if not (isinstance(inner, LatticeCodec) and inner.codec_id in INNER_CODEC_IDS):
+            raise _refuse_inner(getattr(inner, "codec_id", type(inner).__name__))
+        return inner
+    raise TypeError(
+        "DiffThresholdCodec `inner` must be a LatticeCodec, its config dict or None, got "
+        f"{type(inner).__name__}"
+    )
 
 
 class ThresholdInfo(tuple):
@@ -66,9 +113,10 @@ class DiffThresholdCodec(Codec):
         Absolute threshold ``tau``. Exclusive with ``relative``.
     relative : float, optional
         ``tau = relative * rms(x)`` of each chunk. Default 0 (only exact zeros are dropped).
-    inner : Codec or dict, optional
-        Codec for the survivors (a 1-D array of the input dtype), or its config. By default
-        the survivors are stored losslessly.
+    inner : LatticeCodec or dict, optional
+        Codec for the survivors (a 1-D array of the input dtype), or its config; only
+        ``medustore.lattice`` is accepted (ValueError otherwise). By default the survivors
+        are stored losslessly.
     """
 
     codec_id = "medustore.diffthreshold"
@@ -77,7 +125,7 @@ class DiffThresholdCodec(Codec):
         self,
         threshold: float | None = None,
         relative: float | None = None,
-        inner: Codec | dict | None = None,
+        inner: LatticeCodec | dict | None = None,
     ) -> None:
         if threshold is not None and relative is not None:
             raise ValueError("DiffThresholdCodec takes `threshold` or `relative`, not both")
@@ -92,14 +140,7 @@ class DiffThresholdCodec(Codec):
             relative = 0.0
         self.threshold = None if threshold is None else float(threshold)
         self.relative = None if relative is None else float(relative)
-        if isinstance(inner, dict):
-            inner = numcodecs.get_codec(dict(inner))
-        if inner is not None and not isinstance(inner, Codec):
-            raise TypeError(
-                f"DiffThresholdCodec `inner` must be a numcodecs Codec or its config dict, "
-                f"got {type(inner).__name__}"
-            )
-        self.inner = inner
+        self.inner = inner_codec(inner)
 
     def get_config(self) -> dict:
         return {"id": self.codec_id, "threshold": self.threshold, "relative": self.relative,
@@ -145,6 +186,7 @@ class DiffThresholdCodec(Codec):
         return frame(_MAGIC + bytes([_VERSION]), header, mask, inner)
 
     def decode(self, buf: object, out: object = None) -> np.ndarray:
+        inner = inner_codec(self.inner)  # `inner` may have been reassigned since __init__
         r = ChunkReader(buf, _MAGIC, (1,), "DiffThresholdCodec")
         dtype_code, flags, count, _tau, n_surv, _norm, mask_len, inner_len = r.unpack(_HEAD)
         if dtype_code not in DTYPES:
@@ -152,6 +194,8 @@ class DiffThresholdCodec(Codec):
         dtype = DTYPES[dtype_code]
         out_arr = None if out is None else np.asarray(out)
         check_count(count, out_arr, "DiffThresholdCodec")
+        if out is None:
+            check_claim(count, r.nbytes, "DiffThresholdCodec")
         if n_surv > count or flags & ~_MASK_PRESENT:
             raise ValueError("DiffThresholdCodec: corrupt chunk header")
         mask_bytes = r.take(mask_len)
@@ -163,7 +207,8 @@ class DiffThresholdCodec(Codec):
                 _ZSTD.decode(bytes(mask_bytes), out=packed)
             except Exception as err:  # numcodecs raises RuntimeError/ValueError variants
                 raise ValueError(f"DiffThresholdCodec: corrupt survivor mask ({err})") from None
-            keep = np.unpackbits(packed, count=count, bitorder="little").astype(bool)
+            # unpackbits gives 0/1 bytes: viewed as bool without a second count-byte copy
+            keep = np.unpackbits(packed, count=count, bitorder="little").view(bool)
             if int(keep.sum()) != n_surv:
                 raise ValueError("DiffThresholdCodec: survivor mask disagrees with its header")
         elif n_surv != count:
@@ -172,12 +217,12 @@ class DiffThresholdCodec(Codec):
             keep = None
         survivors = np.empty(n_surv, dtype=dtype)
         if n_surv:
-            if self.inner is None:
+            if inner is None:
                 if inner_len != n_surv * dtype.itemsize:
                     raise ValueError("DiffThresholdCodec: survivor payload has the wrong size")
                 survivors[:] = np.frombuffer(inner_bytes, dtype=dtype)
             else:
-                self.inner.decode(bytes(inner_bytes), out=survivors)
+                inner.decode(bytes(inner_bytes), out=survivors)
         if keep is None:
             result = survivors
         else:

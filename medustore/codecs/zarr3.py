@@ -73,6 +73,8 @@ class NumcodecsArrayBytesCodec(ArrayBytesCodec):
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         dtype = np.dtype(chunk_spec.dtype.to_native_dtype())
         out = np.empty(chunk_spec.shape, dtype=dtype)
+        # Sized by the array's metadata, not by the chunk: the codec refuses a header that
+        # claims another count before it allocates or decodes anything.
         self.codec.decode(chunk_bytes.to_bytes(), out=out.reshape(-1))
         return chunk_spec.prototype.nd_buffer.from_ndarray_like(out)
 
