@@ -138,6 +138,7 @@ class UpdateStore:
                                          parse_round(as_of_round))
         self._index = read_index(group, sid, self.location)
         self._reader: ArchiveReader | None = ArchiveReader(group, self._index, self.location)
+        self._latest: np.ndarray | None = None  # w_T as the writer last wrote it
 
     # ------------------------------------------------------------------ context manager
 
@@ -249,8 +250,10 @@ class UpdateStore:
         return self.reader.accumulator(self._index.column(user))
 
     def nbytes_stored(self) -> int:
-        """Bytes of the version this store holds (data, index and metadata)."""
-        return self.reader.nbytes_stored()
+        """Bytes the archive occupies: on disk for a local archive (every kept version and
+        the repository's metadata); elsewhere, the bytes of this version's objects."""
+        on_disk = self._repo.nbytes()
+        return self.reader.nbytes_stored() if on_disk is None else on_disk
 
     def nbytes_by_round(self) -> dict[int, int]:
         """Encoded bytes of each committed round's records (aggregate excluded)."""
@@ -304,14 +307,17 @@ class UpdateStore:
         """
         if self.read_only:
             raise ReadOnlyError("this archive is open read-only; open it with mode 'r+' or 'a'")
-        w_before = (self.reader.model().astype(np.float64) if global_before is None else
+        if self._latest is None:
+            self._latest = self.reader.model()
+        w_before = (self._latest.astype(np.float64) if global_before is None else
                     self.layout.flatten(global_before, "global_before", dtype=np.float64))
         plan = plan_round(self._index, round, updates, weights, w_before)
         with self._repo.transaction(parent=self._index.snapshot, round=plan.round,
                                     message=f"round {plan.round}") as (group, done):
             index, nbytes = write_round(group, self._index, plan, self.reader.accumulator)
         self._index = _with_snapshot(index, done[0])
-        self._reader = None
+        self._reader = None  # opened again when a read needs it
+        self._latest = plan.model
         if self.retention.every and self._index.n_rounds % self.retention.every == 0:
             self._repo.compact(self.retention)
         return RoundSummary(plan.round, len(plan.users), int(plan.keep.sum()), nbytes)
@@ -335,6 +341,11 @@ class UpdateStore:
         if self.read_only:
             raise ReadOnlyError("compacting needs the archive open for writing")
         return self._repo.compact(self.retention, grace)
+
+    def garbage(self) -> Any:
+        """What a compaction would delete now (Icechunk's summary of a dry run: objects of
+        interrupted writes and expired versions), or None for a plain Zarr snapshot."""
+        return self._repo.garbage() if self._repo.versioned else None
 
     # ------------------------------------------------------------------ replay
 

@@ -9,6 +9,7 @@ commits whole or not at all.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -212,12 +213,16 @@ def write_round(group: zarr.Group, index: ArchiveIndex, plan: RoundPlan,
     _grow(rec, N + k)
     record_ids = np.full(n, -1, dtype=np.int64)
     nbytes = np.zeros(n, dtype=np.int64)
-    n_chunks = math.ceil(index.layout.size / settings.chunk)
-    for j, i in enumerate(np.flatnonzero(plan.keep)):
-        record_ids[i] = N + j
-        rec[N + j, :] = plan.dvecs[i]
-        nbytes[i] = sum(int(sync(group.store.getsize(chunk_key(rec, (N + j, c)))))
-                        for c in range(n_chunks))
+    kept = np.flatnonzero(plan.keep)
+    record_ids[kept] = N + np.arange(k)
+    if k:
+        # One block write: zarr codes the round's chunks concurrently (whole chunks only, so
+        # no lossy chunk is ever read back and re-quantised).
+        rec[N:N + k, :] = np.stack([plan.dvecs[i] for i in kept])
+        n_chunks = math.ceil(index.layout.size / settings.chunk)
+        sizes = sync(_sizes(group.store, [chunk_key(rec, (N + j, c)) for j in range(k)
+                                           for c in range(n_chunks)]))
+        nbytes[kept] = np.asarray(sizes, dtype=np.int64).reshape(k, n_chunks).sum(axis=1)
 
     rounds_row = np.array([[plan.round, n, U2]], dtype=np.int64)
     facts_row = np.array([[plan.anorm, plan.agg_evar]])
@@ -254,6 +259,10 @@ def write_round(group: zarr.Group, index: ArchiveIndex, plan: RoundPlan,
         np.concatenate([old[2], entries]), np.concatenate([old[3], efacts]), digest.hex())
     write_meta(group, settings, new_index)
     return new_index, int(nbytes.sum())
+
+
+async def _sizes(store: Any, keys: list[str]) -> list[int]:
+    return list(await asyncio.gather(*(store.getsize(key) for key in keys)))
 
 
 def write_meta(group: zarr.Group, settings: Settings, index: ArchiveIndex) -> None:

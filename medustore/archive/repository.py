@@ -283,6 +283,16 @@ class Repository:
         except icechunk.IcechunkError as err:
             raise DamagedArchiveError(f"{self.location.text}: compaction failed: {err}") from err
 
+    def nbytes(self) -> int | None:
+        """Bytes on disk of a local archive (every object of every kept version, the
+        repository's own metadata included); None elsewhere."""
+        path = self.location.path
+        if path is None or not path.exists():
+            return None
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
     def garbage(self) -> Any:
         """What a compaction would delete now (a dry run)."""
         return self._repo.garbage_collect(_now(), dry_run=True)

@@ -19,6 +19,8 @@ import icechunk
 import zarr
 import zarr.storage
 
+from medustore.errors import NotAnArchiveError
+
 __all__ = ["Location", "parse_location"]
 
 # Icechunk warns on every open that its local storage is unsafe for simultaneous commits;
@@ -142,6 +144,9 @@ def parse_location(location: Any, *, storage_options: Mapping[str, Any] | None =
         if create:
             raise ValueError(f"{text} is a zip file: zip archives are read-only")
         return _zip_location(text, path)
+    if path.is_file():
+        raise NotAnArchiveError(f"{text} is a file, not a medustore archive (an archive is a "
+                                "directory, or a .zip written by `medustore export`)")
     if not create and (path / "zarr.json").is_file():
         return Location("plain", text, path=path,
                         store=zarr.storage.LocalStore(path, read_only=True))

@@ -24,3 +24,7 @@ __all__ = [
 # too covers a source checkout that was not installed.
 numcodecs.register_codec(LatticeCodec)
 numcodecs.register_codec(DiffThresholdCodec)
+
+# The zarr v3 adapters register themselves with zarr's codec registry on import: a checkout
+# that was never pip-installed (no entry points) still opens archives.
+from medustore.codecs import zarr3  # noqa: E402, F401

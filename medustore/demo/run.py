@@ -310,6 +310,10 @@ def run_demo(
             }
             w_poisoned = fedavg(model, users, config.fed(), on_round, progress=progress,
                                 desc="training")
+            for store in stores.values():
+                # The demo is the archives' only user: no reader holds an old version, so
+                # every replaced version can go now (a server keeps the default grace).
+                store.compact(grace=0)
         w_retrain = fedavg(model, users, config.fed(), exclude=malicious, progress=progress,
                            desc="retraining")
 
