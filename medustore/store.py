@@ -326,6 +326,8 @@ class UpdateStore:
 
     def versions(self) -> list[int]:
         """Rounds whose version the archive still keeps (`medustore.open(as_of_round=)`)."""
+        if not self._repo.versioned:
+            return []
         return sorted({t for t, _ in self._repo.versions()})
 
     def tag(self, round: int) -> None:

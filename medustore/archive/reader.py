@@ -86,15 +86,17 @@ class ArchiveReader:
 
     def _row(self, name: str, lead: tuple[int, ...], what: str) -> np.ndarray:
         arr = self.arrays[name]
-        for key in self.keys(name, lead):
-            if not sync(self._store.exists(key)):
-                raise DamagedArchiveError(f"{self.where}: {what}: chunk {key} of array {name} "
-                                          "is missing")
         try:
+            for key in self.keys(name, lead):
+                if not sync(self._store.exists(key)):
+                    raise DamagedArchiveError(f"{self.where}: {what}: chunk {key} of array "
+                                              f"{name} is missing")
             return arr[(*lead, slice(None))]
+        except DamagedArchiveError:
+            raise
         except Exception as err:  # any failure to read or decode stored bytes is damage
             raise DamagedArchiveError(f"{self.where}: {what}: array {name} does not read: "
-                                      f"{type(err).__name__}: {err}") from err
+                                      f"{_brief(err)}") from err
 
     # ------------------------------------------------------------------ data
 
@@ -148,18 +150,28 @@ def _read_table(group: zarr.Group, name: str, n_rows: int, where: str) -> np.nda
         raise DamagedArchiveError(f"{where}: index array {name} has {arr.shape[0]} rows, the "
                                   f"archive's counts say {n_rows}")
     store = group.store
-    for k in range(math.ceil(n_rows / arr.chunks[0])):
-        key = chunk_key(arr, (k,) if arr.ndim == 1 else (k, 0))
-        if not sync(store.exists(key)):
-            raise DamagedArchiveError(f"{where}: chunk {key} of index array {name} is missing")
     try:
+        for k in range(math.ceil(n_rows / arr.chunks[0])):
+            key = chunk_key(arr, (k,) if arr.ndim == 1 else (k, 0))
+            if not sync(store.exists(key)):
+                raise DamagedArchiveError(f"{where}: chunk {key} of index array {name} is "
+                                          "missing")
         data = arr[...]
+    except DamagedArchiveError:
+        raise
     except Exception as err:
         raise DamagedArchiveError(f"{where}: index array {name} does not read: "
-                                  f"{type(err).__name__}: {err}") from err
+                                  f"{_brief(err)}") from err
     if s.dtype == "str":
         return np.asarray(data, dtype=object)
     return np.asarray(data, dtype=s.dtype).reshape(n_rows, *arr.shape[1:])
+
+
+def _brief(err: BaseException) -> str:
+    """``Type: first line`` of an error (Icechunk's errors carry a multi-line trace)."""
+    lines = [ln.strip(" |x`-") for ln in str(err).splitlines()]
+    first = next((ln for ln in lines if ln), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def read_index(group: zarr.Group, snapshot: str | None, where: str) -> ArchiveIndex:

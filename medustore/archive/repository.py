@@ -25,6 +25,7 @@ import filelock
 import icechunk
 import zarr
 
+from medustore.archive.reader import read_settings
 from medustore.archive.storage import Location, forget_memory
 from medustore.errors import ConcurrentWriteError, DamagedArchiveError, VersionNotKeptError
 
@@ -161,8 +162,8 @@ class Repository:
             self._lock.release()
             self._lock = None
         store = self.location.store
-        if store is not None and hasattr(store, "close"):
-            store.close()
+        if store is not None and getattr(store, "_is_open", True):  # an unopened ZipStore
+            store.close()                                           # cannot close
 
     def drop(self) -> None:
         """Forget an in-memory archive (mode 'w' on ``memory://`` replaces it)."""
@@ -180,13 +181,15 @@ class Repository:
         """A read-only root group at the latest version (or as of a round, or at a snapshot
         id) and the id of its version."""
         if self._repo is None:
+            group = zarr.open_group(self.location.store, path=self.location.group_path,
+                                    mode="r")
             if as_of_round is not None:
+                read_settings(group, self.location.text)  # a format-1 archive says so first
                 raise VersionNotKeptError(
                     f"{self.location.text} is a plain Zarr snapshot: it keeps no other "
                     "versions (export the round you need with `medustore export "
                     "--as-of-round`)")
-            return zarr.open_group(self.location.store, path=self.location.group_path,
-                                   mode="r"), None
+            return group, None
         if snapshot_id is None and as_of_round is not None:
             snapshot_id = self.snapshot_of(as_of_round)
         if snapshot_id is None:

@@ -11,14 +11,24 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+import icechunk
 import zarr
 
-from medustore.errors import MedustoreError, NotAnArchiveError, ReadOnlyError, UnknownUserError
+from medustore.archive.storage import parse_location
+from medustore.errors import (
+    DamagedArchiveError,
+    MedustoreError,
+    NotAnArchiveError,
+    ReadOnlyError,
+    UnknownUserError,
+    VersionNotKeptError,
+)
 from medustore.store import UpdateStore, UserId, open_store
 
 __all__ = [
@@ -28,15 +38,18 @@ __all__ = [
     "EXIT_OK",
     "EXIT_UNKNOWN_USER",
     "EXIT_USAGE",
+    "EXIT_VERSION_NOT_KEPT",
     "CliError",
     "DamagedArchiveError",
     "MedustoreCommand",
+    "archive_options",
     "command_errors",
     "echo_json",
     "format_kv",
     "format_table",
     "human_bytes",
     "open_archive",
+    "parse_storage_options",
     "reading",
     "resolve_user",
     "user_text",
@@ -56,6 +69,9 @@ EXIT_NOT_ARCHIVE = 3
 EXIT_UNKNOWN_USER = 4
 #: The operating system refused a read or write (permissions, disk full, missing folder).
 EXIT_IO = 5
+#: ``--as-of-round T``: the archive keeps no version as of round T (retention expired it,
+#: the round was never committed, or the archive is a plain Zarr snapshot).
+EXIT_VERSION_NOT_KEPT = 6
 
 _PREFIX = "medustore: error: "
 _HINT = "run 'medustore verify ARCHIVE' to locate the damage"
@@ -70,10 +86,6 @@ class CliError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(_PREFIX + self.format_message(), file=file, err=file is None)
-
-
-class DamagedArchiveError(MedustoreError):
-    """Reading the archive failed: a chunk or a metadata document is damaged."""
 
 
 class MedustoreCommand(click.Command):
@@ -103,16 +115,28 @@ def command_errors() -> Iterator[None]:
         raise
     except UnknownUserError as err:
         raise CliError(str(err).strip("'\""), EXIT_UNKNOWN_USER) from None
+    except VersionNotKeptError as err:
+        raise CliError(str(err), EXIT_VERSION_NOT_KEPT) from None
     except NotAnArchiveError as err:
         raise CliError(str(err), EXIT_NOT_ARCHIVE) from None
     except DamagedArchiveError as err:
-        raise CliError(str(err), EXIT_DAMAGED) from None
+        raise CliError(_damage_message(str(err)), EXIT_DAMAGED) from None
     except ReadOnlyError as err:
         raise CliError(str(err), EXIT_IO) from None
+    except icechunk.IcechunkError as err:  # the repository's own files failed to read
+        raise CliError(_damage_message(f"reading the archive failed: {_icechunk_text(err)}"),
+                       EXIT_DAMAGED) from None
     except (ValueError, TypeError, MedustoreError) as err:
         raise CliError(str(err), EXIT_USAGE) from None
     except OSError as err:
         raise CliError(_os_message(err), EXIT_IO) from None
+
+
+def _damage_message(message: str) -> str:
+    """``damaged archive: ...; run 'medustore verify ...'`` (each part once)."""
+    if not message.startswith("damaged archive"):
+        message = f"damaged archive: {message}"
+    return message if "medustore verify" in message else f"{message}; {_HINT}"
 
 
 def _os_message(err: OSError) -> str:
@@ -140,20 +164,66 @@ def _is_local_path(location: str) -> bool:
     return "://" not in location
 
 
-@contextmanager
-def open_archive(location: str) -> Iterator[UpdateStore]:
-    """Open an archive read-only, with one-line errors for every way that can fail."""
-    if _is_local_path(location) and not os.path.exists(location):
+def _check_local(location: str) -> None:
+    """Refuse a local path that cannot hold an archive before the storage layer sees it
+    (opening a missing path would create it; a plain file is no repository)."""
+    if not _is_local_path(location):
+        return
+    if not os.path.exists(location):
         raise CliError(f"no such file or directory: {location}", EXIT_NOT_ARCHIVE)
+    if os.path.isfile(location) and not (location.endswith(".zip")
+                                         and zipfile.is_zipfile(location)):
+        raise CliError(f"{location} is a file, not a medustore archive (an archive is a "
+                       "directory, or a .zip written by 'medustore export')", EXIT_NOT_ARCHIVE)
+
+
+def _check_storage_options(location: str, storage_options: dict[str, str]) -> None:
+    """Bad ``--storage-option`` keys or values are usage errors, found before any I/O."""
+    if not storage_options:
+        return
+    if not location.startswith("s3://"):
+        raise CliError(f"--storage-option applies to s3:// archives, not {location!r}",
+                       EXIT_USAGE)
     try:
-        store = open_store(location, "r")
+        parse_location(location, storage_options=storage_options)
+    except (ValueError, TypeError) as err:
+        raise CliError(f"--storage-option: {err}", EXIT_USAGE) from None
+
+
+@contextmanager
+def open_archive(location: str, *, as_of_round: int | None = None,
+                 storage_options: dict[str, str] | None = None) -> Iterator[UpdateStore]:
+    """Open an archive read-only, with one-line errors for every way that can fail.
+
+    Parameters
+    ----------
+    location
+        A path, ``memory://NAME``, ``s3://bucket/prefix`` or a plain Zarr snapshot (a
+        directory or ``.zip`` written by ``medustore export``).
+    as_of_round
+        Open the version committed by this round (`VersionNotKeptError` -> exit
+        `EXIT_VERSION_NOT_KEPT`).
+    storage_options
+        For ``s3://`` archives (``--storage-option KEY=VALUE``).
+    """
+    _check_local(location)
+    _check_storage_options(location, storage_options or {})
+    try:
+        store = open_store(location, "r", as_of_round=as_of_round,
+                           storage_options=storage_options or None)
+    except VersionNotKeptError as err:
+        raise CliError(str(err), EXIT_VERSION_NOT_KEPT) from None
     except NotAnArchiveError as err:
         raise CliError(str(err), EXIT_NOT_ARCHIVE) from None
+    except DamagedArchiveError as err:
+        raise CliError(_damage_message(str(err)), EXIT_DAMAGED) from None
     except zarr.errors.ContainsArrayError:
         raise CliError(f"{location} is a zarr array, not a medustore archive",
                        EXIT_NOT_ARCHIVE) from None
     except PermissionError as err:
         raise CliError(_os_message(err), EXIT_IO) from None
+    except icechunk.IcechunkError as err:
+        raise _repository_error(location, err) from None
     except (ValueError, RuntimeError, KeyError, OSError, zarr.errors.BaseZarrError) as err:
         detail = str(err).strip("'\"") or type(err).__name__
         if _has_medustore_attrs(location):
@@ -169,11 +239,82 @@ def open_archive(location: str) -> Iterator[UpdateStore]:
         store.close()
 
 
+_ICECHUNK_MARK = re.compile(r"^[x\u00d7]\s+")
+
+
+def _icechunk_text(err: Exception) -> str:
+    """The first line of an Icechunk error (the rest is a span trace)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return _ICECHUNK_MARK.sub("", lines[0]) if lines else type(err).__name__
+
+
+def _repository_error(location: str, err: Exception) -> CliError:
+    """An Icechunk failure: on object storage usually the connection or the credentials;
+    locally, a repository whose files are damaged."""
+    detail = _icechunk_text(err)
+    if location.startswith("s3://"):
+        return CliError(f"cannot read {location}: {detail}", EXIT_IO)
+    return CliError(f"damaged archive: cannot open {location}: {detail}; {_HINT}",
+                    EXIT_DAMAGED)
+
+
 def _has_medustore_attrs(location: str) -> bool:
     try:
         return "medustore" in zarr.open_group(location, mode="r").attrs
     except Exception:  # noqa: BLE001 - any failure means "cannot tell": not an archive
         return False
+
+
+#: A storage option's name (the s3 options are identifiers).
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def parse_storage_options(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` texts as a dict (values stay text: the storage layer converts them).
+
+    Raises
+    ------
+    ValueError
+        An item without ``=``, with an empty or malformed key, or a key given twice.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.fullmatch(key):
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        if key in out:
+            raise ValueError(f"{key} given twice")
+        out[key] = value
+    return out
+
+
+def _storage_options_callback(ctx: click.Context, param: click.Parameter,
+                              value: tuple[str, ...]) -> dict[str, str]:
+    try:
+        return parse_storage_options(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def archive_options(command: F) -> F:
+    """Add ``--as-of-round T`` and ``--storage-option KEY=VALUE`` (repeatable) to a command.
+
+    The command receives ``as_of_round`` (int or None) and ``storage_options`` (a dict)
+    and passes both to `open_archive`.
+    """
+    command = click.option(
+        "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+        callback=_storage_options_callback,
+        help="Option of an s3:// archive (repeatable): region, endpoint_url, allow_http, "
+             "access_key_id, secret_access_key, session_token, anonymous, from_env, "
+             "force_path_style, requester_pays.")(command)
+    command = click.option(
+        "--as-of-round", "as_of_round", type=click.IntRange(min=0), metavar="T",
+        help="Read the archive as it was right after round T was committed (the version "
+             "must still be kept; exit 6 otherwise).")(command)
+    return command
 
 
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")

@@ -10,6 +10,7 @@ import numpy as np
 from medustore import __version__
 from medustore.cli._common import (
     MedustoreCommand,
+    archive_options,
     command_errors,
     echo_json,
     fmt_float,
@@ -20,6 +21,7 @@ from medustore.cli._common import (
     reading,
     user_text,
 )
+from medustore.index import ArchiveIndex
 from medustore.replay import error_budget
 from medustore.store import UpdateStore
 
@@ -27,22 +29,6 @@ __all__ = ["archive_summary", "format_summary", "inspect_command"]
 
 #: ``k`` of the error bound shown: ``deterministic + k * rms``.
 BOUND_K = 3.0
-
-
-class _CachedSides:
-    """An `UpdateStore` view whose side arrays are read once (for many error budgets)."""
-
-    def __init__(self, store: UpdateStore) -> None:
-        self._store = store
-        self._sides: dict[str, np.ndarray] = {}
-
-    def side(self, name: str) -> np.ndarray:
-        if name not in self._sides:
-            self._sides[name] = self._store.side(name)
-        return self._sides[name]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 def _codec_text(codecs: list[dict]) -> str:
@@ -66,8 +52,61 @@ def _bits(nbytes: float, params: float) -> float | None:
     return 8.0 * nbytes / params if params else None
 
 
+def _codecs(store: UpdateStore, name: str) -> list[dict] | None:
+    """The zarr v3 codec pipeline of array ``name``, or None when the archive has none."""
+    arr = store.reader.arrays.get(name)
+    return None if arr is None else list(arr.metadata.to_dict()["codecs"])
+
+
+def _per_round(index: ArchiveIndex, m: int) -> list[dict[str, Any]]:
+    rows = index.entry_rows()
+    stored = index.entry_record >= 0
+    n = index.n_rounds
+    n_stored = np.bincount(rows, weights=stored, minlength=n).astype(int)
+    nbytes = np.bincount(rows, weights=np.where(stored, index.entry_nbytes, 0), minlength=n)
+    return [{"round": int(t), "participants": int(index.start[i + 1] - index.start[i]),
+             "stored": int(n_stored[i]), "bytes": int(nbytes[i]),
+             "bits_per_param": _bits(nbytes[i], n_stored[i] * m)}
+            for i, t in enumerate(index.rounds)]
+
+
+def _per_user(index: ArchiveIndex, m: int, bound: dict[Any, float]) -> list[dict[str, Any]]:
+    rows, user = index.entry_rows(), index.entry_user
+    stored = index.entry_record >= 0
+    n = len(index.users)
+    took = np.bincount(user, minlength=n)
+    n_stored = np.bincount(user, weights=stored, minlength=n).astype(int)
+    nbytes = np.bincount(user, weights=np.where(stored, index.entry_nbytes, 0), minlength=n)
+    first = np.full(n, index.n_rounds)
+    last = np.full(n, -1)
+    np.minimum.at(first, user, rows)
+    np.maximum.at(last, user, rows)
+    return [{"user": u, "rounds": int(took[j]), "stored": int(n_stored[j]),
+             "bytes": int(nbytes[j]), "bits_per_param": _bits(nbytes[j], n_stored[j] * m),
+             "first": int(index.rounds[first[j]]) if took[j] else None,
+             "last": int(index.rounds[last[j]]) if took[j] else None,
+             "error_bound": bound.get(u)}
+            for j, u in enumerate(index.users)]
+
+
+def _versions(store: UpdateStore, as_of_round: int | None) -> dict[str, Any]:
+    """Which version is read and which versions the archive keeps."""
+    plain = store.snapshot_id is None  # a plain Zarr snapshot (an export) has no versions
+    return {"storage": "plain zarr snapshot" if plain else "icechunk repository",
+            "snapshot": store.snapshot_id, "as_of_round": as_of_round,
+            "kept": [] if plain else store.versions()}
+
+
+def _bounds(store: UpdateStore) -> dict[Any, float]:
+    """Each participating user's error bound for removing that user alone (index only)."""
+    index = store.index
+    took = np.bincount(index.entry_user, minlength=len(index.users))
+    return {u: error_budget(store, [u]).bound(BOUND_K)
+            for j, u in enumerate(index.users) if took[j]}
+
+
 def archive_summary(store: UpdateStore, *, top: int | None = None, budgets: bool = True,
-                    name: str | None = None) -> dict[str, Any]:
+                    name: str | None = None, as_of_round: int | None = None) -> dict[str, Any]:
     """Everything ``inspect`` shows, as a JSON-ready dict with stable keys.
 
     Parameters
@@ -77,66 +116,44 @@ def archive_summary(store: UpdateStore, *, top: int | None = None, budgets: bool
     top
         Keep only the ``top`` rounds and users with the most stored bytes in the tables.
     budgets
-        Compute each user's error budget (reads side arrays only, no decoding).
+        Compute each user's error budget (from the index alone, no decoding).
     name
-        How to name the archive (default: its zarr store path).
+        How to name the archive (default: its location).
+    as_of_round
+        The round the archive was opened as of, for the ``versions`` entry.
     """
-    layout, policy = store.layout, store.policy
+    index, layout, policy = store.index, store.layout, store.policy
     m = layout.size
-    rounds, users = store.rounds, store.users
-    W, S, NB = store.side("weight"), store.side("stored"), store.side("nbytes")
-    part = ~np.isnan(W)
-    stored = S == 1
-    n_part, n_stored = int(part.sum()), int(stored.sum())
-    record_bytes = int(NB[stored].sum())
+    rounds = store.rounds
+    stored = index.entry_record >= 0
+    n_part, n_stored = index.n_entries, int(stored.sum())
+    record_bytes = int(index.entry_nbytes[stored].sum())
     total_bytes = store.nbytes_stored()
     history = n_part * m * 4
-    arrays = store._a
-    codecs = {name: list(arrays[name].metadata.to_dict()["codecs"])
-              for name in ("updates", "aggregate")}
-
-    sides = _CachedSides(store)
-    bound: dict[Any, float] = {}
-    if budgets:
-        for j, u in enumerate(users):
-            if part[:, j].any():
-                bound[u] = error_budget(sides, [u]).bound(BOUND_K)  # type: ignore[arg-type]
-    model_norm = float(np.linalg.norm(store._latest_vec().astype(np.float64)))
+    bound = _bounds(store) if budgets else {}
+    model_norm = float(np.linalg.norm(store.reader.model().astype(np.float64)))
     worst = max(bound, key=bound.__getitem__) if bound else None
-
-    per_round = [
-        {"round": t, "participants": int(part[i].sum()), "stored": int(stored[i].sum()),
-         "bytes": int(NB[i][stored[i]].sum()),
-         "bits_per_param": _bits(NB[i][stored[i]].sum(), stored[i].sum() * m)}
-        for i, t in enumerate(rounds)]
-    per_user = []
-    for j, u in enumerate(users):
-        took = np.flatnonzero(part[:, j])
-        per_user.append({
-            "user": u, "rounds": int(took.size), "stored": int(stored[:, j].sum()),
-            "bytes": int(NB[:, j][stored[:, j]].sum()),
-            "bits_per_param": _bits(NB[:, j][stored[:, j]].sum(), stored[:, j].sum() * m),
-            "first": rounds[took[0]] if took.size else None,
-            "last": rounds[took[-1]] if took.size else None,
-            "error_bound": bound.get(u)})
+    per_round, per_user = _per_round(index, m), _per_user(index, m, bound)
     if top is not None:
         per_round = sorted(per_round, key=lambda r: -r["bytes"])[:top]
         per_user = sorted(per_user, key=lambda r: -r["bytes"])[:top]
 
     return {
         "archive": name if name is not None else store.location,
-        "format": store._group.attrs["medustore"].get("format"),
+        "format": index.settings.format,
         "medustore_version": __version__,
+        "versions": _versions(store, as_of_round),
         "model": {"tensors": len(layout.tensors), "params": m, "flat": layout.flat,
                   "dtypes": sorted({str(np.dtype(t.dtype)) for t in layout.tensors}),
-                  "chunk_params": int(arrays["updates"].chunks[-1])},
+                  "chunk_params": index.settings.chunk},
         "rounds": {"count": len(rounds), "first": rounds[0] if rounds else None,
                    "last": rounds[-1] if rounds else None},
-        "users": {"count": len(users)},
+        "users": {"count": len(index.users)},
         "records": {"stored": n_stored, "participations": n_part},
         "policy": {"name": policy.name, "description": policy.describe(),
                    "config": policy.to_json()},
-        "codecs": {"records": codecs["updates"], "aggregate": codecs["aggregate"]},
+        "codecs": {"records": _codecs(store, "records"),
+                   "aggregate": _codecs(store, "aggregate")},
         "accumulators": store.has_accumulators,
         "bytes": {"stored": total_bytes, "records": record_bytes, "float32_history": history},
         "bits_per_stored_param": _bits(record_bytes, n_stored * m),
@@ -159,6 +176,29 @@ def _pct(x: float, of: float) -> str:
     return f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%" if pct >= 1 else f"{pct:.2g}%"
 
 
+def _version_text(v: dict[str, Any]) -> str:
+    if v["snapshot"] is None:
+        return "the only one (a plain snapshot, written by 'medustore export')"
+    what = "latest" if v["as_of_round"] is None else f"as of round {v['as_of_round']}"
+    return f"{what} (snapshot {v['snapshot']})"
+
+
+#: Kept versions listed by round in the text (the JSON lists all).
+_SHOWN_VERSIONS = 10
+
+
+def _kept_text(v: dict[str, Any]) -> str:
+    if v["snapshot"] is None:
+        return "-"
+    kept = v["kept"]
+    if not kept:
+        return "none of a round (no round committed yet)"
+    shown = ", ".join(map(str, kept[-_SHOWN_VERSIONS:]))
+    older = len(kept) - _SHOWN_VERSIONS
+    return (f"{len(kept)}: after round{'s' * (len(kept) != 1)} "
+            f"{'... ' if older > 0 else ''}{shown} (read one with --as-of-round T)")
+
+
 def format_summary(s: dict[str, Any], *, rounds_table: bool = False,
                    users_table: bool = False) -> str:
     """The text ``inspect`` prints for `archive_summary` ``s``."""
@@ -168,12 +208,14 @@ def format_summary(s: dict[str, Any], *, rounds_table: bool = False,
     share = f" ({100.0 * rec['stored'] / rec['participations']:.1f}%)" if rec[
         "participations"] else ""
     pol = s["policy"]
-    agg_codec = _codec_text(s["codecs"]["aggregate"])
-    if not pol["config"].get("keep_aggregates", True):
-        agg_codec += " (aggregates not kept)"
+    agg = s["codecs"]["aggregate"]
+    agg_codec = "- (aggregates not kept)" if agg is None else _codec_text(agg)
     pairs = [
         ("Archive", str(s["archive"])),
         ("Format", f"{s['format']} (read by medustore {s['medustore_version']})"),
+        ("Storage", s["versions"]["storage"]),
+        ("Version", _version_text(s["versions"])),
+        ("Versions kept", _kept_text(s["versions"])),
         ("Model", f"{model['tensors']} tensor{'s' * (model['tensors'] != 1)}, "
                   f"{model['params']:,} parameters ({', '.join(model['dtypes'])})"),
         ("Chunk", f"{model['chunk_params']:,} parameters"),
@@ -235,16 +277,20 @@ def format_summary(s: dict[str, Any], *, rounds_table: bool = False,
                    "(shows both tables unless --rounds or --users is given).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON document (both tables included) and nothing else.")
+@archive_options
 def inspect_command(archive: str, rounds_table: bool, users_table: bool, top: int | None,
-                    as_json: bool) -> None:
-    """Summarise ARCHIVE: model, rounds, users, policy, codecs, size and error budget.
+                    as_json: bool, as_of_round: int | None,
+                    storage_options: dict[str, str]) -> None:
+    """Summarise ARCHIVE: versions, model, rounds, users, policy, codecs, size and error
+    budget.
 
     The error budget is, over the users, the L2 bound (deterministic + 3 rms) between the
     model unlearned from this archive and the exact replay, for removing that user alone.
     """
-    with command_errors(), open_archive(archive) as store:
+    with command_errors(), open_archive(archive, as_of_round=as_of_round,
+                                        storage_options=storage_options) as store:
         with reading():
-            summary = archive_summary(store, top=top, name=archive)
+            summary = archive_summary(store, top=top, name=archive, as_of_round=as_of_round)
     if as_json:
         echo_json(summary)
         return

@@ -13,10 +13,12 @@ from typing import Any
 import click
 import numpy as np
 
+from medustore import replay
 from medustore.cli._common import (
     EXIT_USAGE,
     CliError,
     MedustoreCommand,
+    archive_options,
     command_errors,
     echo_json,
     format_kv,
@@ -28,7 +30,7 @@ from medustore.cli._common import (
     user_text,
     warn,
 )
-from medustore.replay import ErrorBudget, IncompleteUnlearningWarning, parse_window
+from medustore.replay import ErrorBudget, IncompleteUnlearningWarning, Plan, parse_window
 from medustore.store import UpdateStore, UserId
 
 __all__ = ["FORMATS", "read_weights", "unlearn_command", "write_weights"]
@@ -112,16 +114,12 @@ def _check_output(path: str, fmt: str) -> None:
                            "(pip install safetensors); or write .npz", EXIT_USAGE) from None
 
 
-def _window_rows(store: UpdateStore, window: str | None) -> list[int]:
-    """Rounds of the archive inside ``window``; a usage error when there are none."""
-    start, stop = parse_window(window)
-    rounds = [t for t in store.rounds if (start is None or t >= start)
-              and (stop is None or t < stop)]
+def _plan_rounds(store: UpdateStore, p: Plan, window: str | None) -> list[int]:
+    """Rounds of the plan's window; a usage error when a window holds none."""
+    rounds = [int(store.index.rounds[row]) for row in p.rows]
     if window is not None and not rounds:
-        held = (f"{len(store.rounds)} rounds, {store.rounds[0]}..{store.rounds[-1]}"
-                if store.rounds else "no rounds")
         raise CliError(f"round window {window!r} holds no round of this archive "
-                       f"(it holds {held})", EXIT_USAGE)
+                       f"(it holds {store.index.rounds_text()})", EXIT_USAGE)
     return rounds
 
 
@@ -139,17 +137,74 @@ def _budget_text(budget: ErrorBudget) -> str:
             f"+ 3 x rms {budget.rms:.4g}")
 
 
-def _budget_json(budget: ErrorBudget, exact_acc: bool) -> dict[str, Any]:
-    data = {**budget.to_json(), "missing": [[t, u] for t, u in budget.missing]}
-    if exact_acc:
-        data.update(deterministic=0.0, rms=0.0, bound_3sigma=0.0, exact=True)
-    return data
+def _budget_json(budget: ErrorBudget) -> dict[str, Any]:
+    return {**budget.to_json(), "missing": [[t, u] for t, u in budget.missing]}
 
 
 def _arrays(store: UpdateStore, weights: Any) -> dict[str, np.ndarray]:
     if store.layout.flat:
         return {FLAT_NAME: np.asarray(weights)}
     return {name: np.asarray(a) for name, a in weights.items()}
+
+
+def _warn_missing(store: UpdateStore, p: Plan) -> None:
+    """Name the records the replay cannot use (the accumulator needs none)."""
+    budget = p.budget
+    if p.method == "replay" and budget.records_missing:
+        warn(f"{budget.records_missing} participation(s) of the removed users were not "
+             f"stored by the archive's policy ({store.policy.name}): "
+             f"{_missing_text(budget)}; the weights may differ from exact unlearning "
+             f"by up to {budget.deterministic:.4g} (L2) plus lattice noise of RMS "
+             f"{budget.rms:.4g}")
+
+
+def _run(store: UpdateStore, p: Plan, progress: bool | None) -> Any:
+    show = stderr_is_terminal() if progress is None else progress
+    with reading("decoding records"), warnings.catch_warnings():
+        # Reported by _warn_missing, with the records by name.
+        warnings.simplefilter("ignore", IncompleteUnlearningWarning)
+        return replay.run(store, p, out="numpy", progress=show)
+
+
+def _summary_json(archive: str, p: Plan, rounds: list[int], window: str | None,
+                  output: dict[str, Any], as_of_round: int | None) -> dict[str, Any]:
+    return {
+        "archive": archive, "as_of_round": as_of_round, "users": list(p.users),
+        "rounds": {"window": window, "first": rounds[0] if rounds else None,
+                   "last": rounds[-1] if rounds else None, "count": len(rounds),
+                   "with_participation": p.budget.rounds},
+        "alpha": p.alpha, "output": output, "method": p.method,
+        "budget": _budget_json(p.budget), "complete": p.budget.records_missing == 0}
+
+
+def _summary_text(p: Plan, rounds: list[int], output: dict[str, Any],
+                  as_of_round: int | None) -> str:
+    budget = p.budget
+    if p.method == "accumulator":
+        records = "none read: the exact per-user accumulator answers"
+    else:
+        records = f"{budget.records_used} used"
+        if budget.records_missing:
+            records += f", {budget.records_missing} not stored (see the warning above)"
+    if not budget.rounds:
+        records += "; the users took no part in these rounds: the weights are w_T"
+    span = f"{rounds[0]}..{rounds[-1]}" if rounds else "none"
+    alpha = f"; alpha {p.alpha:g}" if p.alpha else ""
+    n = output["tensors"]
+    pairs = [
+        ("Removed", ", ".join(user_text(u) for u in p.users)),
+        ("Rounds", f"{span} ({len(rounds)} rounds, the removed users took part in "
+                   f"{budget.rounds}{alpha})"),
+        *([("Version", f"as of round {as_of_round}")] if as_of_round is not None else []),
+        ("Method", "exact per-user accumulator" if p.method == "accumulator"
+         else "replay of the stored records"),
+        ("Records", records),
+        ("Error budget", "0 (exact per-user accumulator)" if p.method == "accumulator"
+         else _budget_text(budget) + " (L2)"),
+        ("Output", f"{output['path']} ({output['format']}, {n} tensor{'s' * (n != 1)}, "
+                   f"{output['params']:,} parameters, {human_bytes(output['bytes'])})"),
+    ]
+    return format_kv(pairs)
 
 
 @click.command("unlearn", cls=MedustoreCommand)
@@ -167,13 +222,17 @@ def _arrays(store: UpdateStore, weights: Any) -> dict[str, np.ndarray]:
               help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary on stdout (warnings still go to stderr).")
+@archive_options
 def unlearn_command(archive: str, user_args: tuple[str, ...], window: str | None, alpha: float,
-                    output: str, progress: bool | None, as_json: bool) -> None:
+                    output: str, progress: bool | None, as_json: bool,
+                    as_of_round: int | None, storage_options: dict[str, str]) -> None:
     """Remove users from the model recorded in ARCHIVE and write the weights to FILE.
 
-    Prints the error budget: an L2 bound on the distance to the exact replay (deterministic
-    part from records the policy did not store, plus 3 x the RMS of the lattice noise).
-    Records the policy dropped are reported on stderr, never silently ignored.
+    Prints the replay's plan (method: the exact per-user accumulator or the replay of the
+    stored records) and its error budget: an L2 bound on the distance to the exact replay
+    (deterministic part from records the policy did not store, plus 3 x the RMS of the
+    lattice noise). Records the policy dropped are reported on stderr, never silently
+    ignored.
     """
     with command_errors():
         fmt = output_format(output)
@@ -185,66 +244,26 @@ def unlearn_command(archive: str, user_args: tuple[str, ...], window: str | None
             raise CliError(f"--rounds: {err} (use A:B for the rounds A <= t < B)",
                            EXIT_USAGE) from None
         _check_output(output, fmt)
-        with open_archive(archive) as store:
+        with open_archive(archive, as_of_round=as_of_round,
+                          storage_options=storage_options) as store:
             _check_names(store, fmt)
             users: list[UserId] = list(dict.fromkeys(resolve_user(store, u) for u in user_args))
-            rounds = _window_rows(store, window)
-            with reading("computing the error budget"):
-                budget = store.error_budget(users, rounds=window, alpha=alpha)
-            # The exact accumulator answers one user over all rounds without alpha.
-            exact_acc = (store.has_accumulators and len(users) == 1 and window is None
-                         and alpha == 0.0)
-            if budget.records_missing and not exact_acc:
-                warn(f"{budget.records_missing} participation(s) of the removed users were not "
-                     f"stored by the archive's policy ({store.policy.name}): "
-                     f"{_missing_text(budget)}; the weights may differ from exact unlearning "
-                     f"by up to {budget.deterministic:.4g} (L2) plus lattice noise of RMS "
-                     f"{budget.rms:.4g}")
-            show = stderr_is_terminal() if progress is None else progress
-            with reading("decoding records"), warnings.catch_warnings():
-                # Reported above, with the records by name.
-                warnings.simplefilter("ignore", IncompleteUnlearningWarning)
-                weights = store.unlearn(users, rounds=window, alpha=alpha, out="numpy",
-                                        progress=show, exact_accumulator=exact_acc)
-            arrays = _arrays(store, weights)
+            with reading("planning the replay"):
+                p = replay.plan(store, users, rounds=window, alpha=alpha)
+            rounds = _plan_rounds(store, p, window)
+            _warn_missing(store, p)
+            arrays = _arrays(store, _run(store, p, progress))
             meta = {"medustore.archive": str(archive),
-                    "medustore.users": json.dumps(users),
+                    "medustore.as_of_round": "" if as_of_round is None else str(as_of_round),
+                    "medustore.users": json.dumps(list(p.users)),
                     "medustore.rounds": window or ":",
                     "medustore.alpha": repr(alpha),
-                    "medustore.error_budget": json.dumps(_budget_json(budget, exact_acc))}
+                    "medustore.method": p.method,
+                    "medustore.error_budget": json.dumps(_budget_json(p.budget))}
             write_weights(arrays, output, fmt, meta)
-            size = os.path.getsize(output)
-            n_params = store.layout.size
-            took = budget.rounds
-            span = (f"{rounds[0]}..{rounds[-1]}" if rounds else "none")
-
+            written = {"path": output, "format": fmt, "tensors": len(arrays),
+                       "params": store.layout.size, "bytes": os.path.getsize(output)}
     if as_json:
-        echo_json({
-            "archive": str(archive), "users": users,
-            "rounds": {"window": window, "first": rounds[0] if rounds else None,
-                       "last": rounds[-1] if rounds else None, "count": len(rounds),
-                       "with_participation": took},
-            "alpha": alpha,
-            "output": {"path": output, "format": fmt, "tensors": len(arrays),
-                       "params": n_params, "bytes": size},
-            "method": "accumulator" if exact_acc else "replay",
-            "budget": _budget_json(budget, exact_acc),
-            "complete": exact_acc or budget.records_missing == 0})
-        return
-    records = f"{budget.records_used} used"
-    if exact_acc:
-        records = "none read: the exact per-user accumulator answers"
-    elif budget.records_missing:
-        records += f", {budget.records_missing} not stored (see the warning above)"
-    if not took:
-        records += "; the users took no part in these rounds: the weights are w_T"
-    click.echo(format_kv([
-        ("Removed", ", ".join(user_text(u) for u in users)),
-        ("Rounds", f"{span} ({len(rounds)} rounds, the removed users took part in {took}"
-                   f"{'; alpha ' + format(alpha, 'g') if alpha else ''})"),
-        ("Records", records),
-        ("Error budget", "0 (exact per-user accumulator)" if exact_acc
-         else _budget_text(budget) + " (L2)"),
-        ("Output", f"{output} ({fmt}, {len(arrays)} tensor{'s' * (len(arrays) != 1)}, "
-                   f"{n_params:,} parameters, {human_bytes(size)})"),
-    ]))
+        echo_json(_summary_json(str(archive), p, rounds, window, written, as_of_round))
+    else:
+        click.echo(_summary_text(p, rounds, written, as_of_round))
