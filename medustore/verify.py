@@ -1,34 +1,39 @@
-"""`verify`: decode every chunk of an archive and check that its index agrees with it.
+"""`verify`: decode every chunk an archive's answers depend on and check it against the index.
+
+Works only through the read contract (``store.index``, an `ArchiveIndex`, and
+``store.reader``, an `ArchiveReader`) of the version the store holds. Opening the store
+already checked the index (complete tables, consistent participations, the digest chained
+over every round): an archive whose index is damaged is refused by `medustore.open` with
+`DamagedArchiveError`, and the ``verify`` command reports that refusal as damage.
 
 Checks, in order:
 
-1. metadata: the model layout is contiguous and its size matches every array; the side
-   arrays share one shape; user ids are unique;
-2. index: committed rounds increase, and no row after the first uncommitted one is committed;
-3. side arrays (every committed row): weights positive and finite where the user took part,
-   NaN elsewhere, and at least one participant per round; ``stored`` only for participants;
-   norms, error variances and byte counts finite and non-negative, zero where nothing is
-   stored;
-4. records: every stored record decodes (each chunk) to finite values of the right size;
-   its chunks on disk add up to ``nbytes``; its decoded norm agrees with ``dnorm``
-   (within float tolerance for lossless records, within the lattice noise for lossy ones);
-   no record chunk exists where ``stored`` says none is;
-5. aggregates, ``initial``, the last model row and the accumulators decode to finite values.
-
-zarr never writes a chunk whose values all equal the fill value (0), so an absent chunk
-reads as zeros. For records, ``nbytes`` tells a deleted chunk from a zero one. For
-aggregates and accumulators an absent chunk is accepted when the model did not move on that
-slice (frozen parameters) or, for an aggregate, when the round's stored records lack that
-chunk too. An absent chunk of ``initial`` or of the last model is reported: it is exactly
-zero only for a model initialised to zeros on a whole chunk.
+1. presence: every chunk of every array an answer can read (each stored record, each kept
+   aggregate, ``w_0``, ``w_T``, the accumulator of every user when the archive keeps them)
+   is listed in the store, and its object can be read: a missing chunk is reported by
+   array, round, user and chunk, never read as the fill value;
+2. records: each chunk decodes to finite values of the right size, the chunks of a record
+   add up to its ``nbytes``, and its decoded norm agrees with ``dnorm`` (within float
+   tolerance for lossless records, within the lattice noise ``evar`` for lossy ones, after
+   the thresholded part ``znorm``);
+3. aggregates, ``w_0``, ``w_T`` and accumulators decode to finite values of the right size
+   (any values: a model initialised to zeros is not damage);
+4. leftovers: chunks beyond the archive's counts (never read; e.g. left in a plain export)
+   and objects outside the declared table are notes; an object under an array that is not
+   one of its chunks is a problem;
+5. garbage: objects that no kept version refers to (left by interrupted writes, or by
+   versions expired but not yet collected) are a note with their count and bytes; a kept
+   version that refers to a missing object is a problem.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,15 +41,17 @@ import numpy as np
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
+from medustore.errors import DamagedArchiveError
 from medustore.replay import PREFETCH
-from medustore.archive.reader import chunk_key
 
 if TYPE_CHECKING:
     import zarr
 
-    from medustore.store import UpdateStore, UserId
+    from medustore.archive.reader import ArchiveReader
+    from medustore.index import ArchiveIndex
+    from medustore.store import UpdateStore
 
-__all__ = ["Problem", "VerifyReport", "verify"]
+__all__ = ["Problem", "VerifyReport", "refused_report", "verify"]
 
 #: Chunks decoded concurrently: one worker per core, as the replay uses.
 WORKERS = PREFETCH
@@ -56,7 +63,14 @@ THRESHOLD_RTOL = 1e-3
 #: Lossy records: decoded norm within ``LOSSY_SIGMAS * sqrt(evar) + LOSSY_RTOL * dnorm``.
 LOSSY_SIGMAS, LOSSY_RTOL = 4.0, 1e-2
 
-_SIDE_2D = ("weight", "stored", "dnorm", "znorm", "evar", "nbytes")
+#: Store probes (exists + size) awaited together: one event-loop round trip per batch.
+_PROBE_BATCH = 4096
+#: Object counts of Icechunk's garbage-collection summary.
+_GC_COUNTS = ("chunks_deleted", "manifests_deleted", "snapshots_deleted",
+              "attributes_deleted", "transaction_logs_deleted")
+#: Report counters of each data array.
+_COUNTER = {"records": "record_chunks", "aggregate": "aggregate_chunks",
+            "initial": "model_chunks", "model": "model_chunks", "acc": "accumulator_chunks"}
 
 
 @dataclass(frozen=True)
@@ -66,11 +80,13 @@ class Problem:
     Attributes
     ----------
     kind
-        ``"corrupt"`` (does not decode), ``"missing"`` (chunk absent), ``"mismatch"``
-        (decodes, but disagrees with the index), ``"invalid"`` (a bad index value) or
-        ``"unexpected"`` (a chunk the index says should not exist).
+        ``"corrupt"`` (does not decode), ``"missing"`` (chunk or object absent),
+        ``"mismatch"`` (decodes, but disagrees with the index), ``"invalid"`` (the archive
+        was refused: a bad index or layout) or ``"unexpected"`` (an object that belongs
+        nowhere).
     array
-        The zarr array concerned (``"updates"``, ``"weight"``, ...; ``"metadata"``).
+        The array concerned (``"records"``, ``"aggregate"``, ``"initial"``, ``"model"``,
+        ``"acc"``, an index table), or ``"archive"`` / ``"repository"`` / ``"store"``.
     message
         What is wrong, in words.
     round, user, chunk
@@ -107,7 +123,7 @@ class Problem:
 class VerifyReport:
     """What `verify` checked and found; ``ok`` is True when nothing is wrong.
 
-    ``notes`` are harmless findings (leftovers of an interrupted round).
+    ``notes`` are harmless findings (leftover chunks, uncollected garbage).
     """
 
     location: str
@@ -139,27 +155,100 @@ class VerifyReport:
                 "problems": [p.to_json() for p in self.problems], "notes": list(self.notes)}
 
 
-# ---------------------------------------------------------------------- chunk access
+def refused_report(location: str, error: BaseException | str) -> VerifyReport:
+    """The report of an archive that could not be opened because it is damaged.
+
+    Parameters
+    ----------
+    location
+        The archive, as the user named it.
+    error
+        The `DamagedArchiveError` (or storage error) that opening raised, or its message.
+
+    Returns
+    -------
+    VerifyReport
+        Not ok, with one problem carrying the message.
+    """
+    message = _error_text(error) if isinstance(error, BaseException) else str(error)
+    if _absent(message) or " is missing" in message:
+        kind = "missing"
+    elif "does not read" in message:
+        kind = "corrupt"
+    else:
+        kind = "invalid"  # a refused index, digest or layout
+    return VerifyReport(location, problems=[Problem(kind, "archive", message)])
 
 
-def _keys(arr: zarr.Array) -> dict[str, int]:
-    """``{store key: size}`` of every chunk the array holds."""
+# ---------------------------------------------------------------------- storage helpers
 
+
+def _error_text(err: BaseException) -> str:
+    """A failure in one line (Icechunk's errors span several, with a backtrace)."""
+    text = " ".join(str(err).split())
+    text = text.split(" context:")[0].rstrip(" |")  # Icechunk appends a call stack: no help
+    text = text[2:] if text.startswith("x ") else text
+    return f"{type(err).__name__}: {text}"[:300] if text else type(err).__name__
+
+
+def _absent(text: str) -> bool:
+    """Whether a storage error says the object is not there (Icechunk 1.1 raises a plain
+    IcechunkError whose text says "not found"; local stores raise FileNotFoundError)."""
+    low = text.lower()
+    return "not found" in low or "no such file" in low or "filenotfounderror" in low
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What the store says of one key: its size, or that it is absent, or an error."""
+
+    size: int | None
+    error: str | None = None
+
+
+async def _probe_one(store: Any, key: str) -> _Probe:
+    try:
+        if not await store.exists(key):
+            return _Probe(None)
+        return _Probe(int(await store.getsize(key)))
+    except Exception as err:  # noqa: BLE001 - a key the store cannot answer for is damage
+        return _Probe(None, _error_text(err))
+
+
+def _probe(store: Any, keys: list[str]) -> dict[str, _Probe]:
+    """Probe ``keys`` concurrently, in batches that bound the coroutines alive."""
+    out: dict[str, _Probe] = {}
+    for i in range(0, len(keys), _PROBE_BATCH):
+        batch = keys[i:i + _PROBE_BATCH]
+
+        async def run(batch: list[str] = batch) -> list[_Probe]:
+            return list(await asyncio.gather(*(_probe_one(store, k) for k in batch)))
+
+        out.update(zip(batch, sync(run()), strict=True))
+    return out
+
+
+def _list(store: Any, prefix: str) -> list[str]:
     async def collect() -> list[str]:
-        return [k async for k in arr.store.list_prefix(f"{arr.path}/" if arr.path else "")]
+        return [k async for k in store.list_prefix(prefix)]
 
-    names = [k for k in sync(collect()) if not k.endswith("zarr.json")]
-    return {k: int(sync(arr.store.getsize(k))) for k in names}
-
-
-def _coords(arr: zarr.Array, key: str) -> tuple[int, ...] | None:
-    nums = re.findall(r"\d+", key[len(arr.path):])
-    return tuple(int(n) for n in nums[-arr.ndim:]) if len(nums) >= arr.ndim else None
+    return sync(collect())
 
 
-def _reader(arr: zarr.Array, selection: Any) -> Callable[[], np.ndarray]:
-    """A deferred read of ``arr[selection]``."""
-    return lambda: arr[selection]
+def _chunk_coords(arr: zarr.Array, suffix: str) -> tuple[int, ...] | None:
+    """Chunk coordinates of the key ``suffix`` (relative to the array), or None if it is
+    not a chunk key of ``arr`` (checked by encoding the coordinates back: zarr 3.1's own
+    decoder fails on its default keys)."""
+    nums = tuple(int(n) for n in re.findall(r"\d+", suffix))
+    if len(nums) != arr.ndim:
+        return None
+    try:
+        return nums if arr.metadata.encode_chunk_key(nums) == suffix else None
+    except Exception:  # noqa: BLE001 - any key the encoder cannot produce is not a chunk
+        return None
+
+
+# ---------------------------------------------------------------------- decoding
 
 
 @dataclass(frozen=True)
@@ -172,258 +261,184 @@ def _decode(read: Callable[[], np.ndarray]) -> _Decoded:
     try:
         return _Decoded(np.asarray(read()), None)
     except Exception as err:  # noqa: BLE001 - any failure to decode a chunk is damage
-        return _Decoded(None, f"{type(err).__name__}: {err}".strip())
+        return _Decoded(None, _error_text(err))
 
 
-# ---------------------------------------------------------------------- the checks
+def _reader(arr: zarr.Array, selection: tuple) -> Callable[[], np.ndarray]:
+    """A deferred read of ``arr[selection]``."""
+    return lambda: arr[selection]
+
+
+def _decode_all(jobs: list[tuple[Any, Callable[[], np.ndarray]]],
+                progress: bool | None) -> Iterator[tuple[Any, _Decoded]]:
+    """Decode ``(tag, read)`` jobs on a few threads, yielding in order; at most a few
+    chunks per worker are held at once, so memory stays bounded whatever the archive."""
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=len(jobs), desc="verifying", unit="chunk", disable=not show, leave=False)
+    with ThreadPoolExecutor(WORKERS) as pool, bar:
+        window: list[tuple[Any, Future]] = []
+        for tag, read in jobs:
+            window.append((tag, pool.submit(_decode, read)))
+            if len(window) >= 4 * WORKERS:
+                tag0, fut = window.pop(0)
+                yield tag0, fut.result()
+                bar.update()
+        for tag0, fut in window:
+            yield tag0, fut.result()
+            bar.update()
+
+
+# ---------------------------------------------------------------------- what is checked
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A model-sized row an answer can read: a record, an aggregate, w_0, w_T or an
+    accumulator. ``entry`` is the participation of a record (None otherwise)."""
+
+    array: str
+    lead: tuple[int, ...]
+    round: int | None = None
+    user: Any = None
+    entry: int | None = None
+
+
+def _targets(index: ArchiveIndex, reader: ArchiveReader) -> list[_Target]:
+    """Every row whose chunks must exist, from the index's counts."""
+    rows = index.entry_rows()
+    last = index.last_round
+    out = [_Target("initial", ()), _Target("model", (), round=last)]
+    for rec, e in enumerate(np.flatnonzero(index.entry_record >= 0)):
+        # check_tables made records 0, 1, 2, ... in entry order: record ``rec`` is entry e.
+        out.append(_Target("records", (rec,), int(index.rounds[rows[e]]),
+                           index.users[int(index.entry_user[e])], int(e)))
+    if "aggregate" in reader.arrays:
+        out += [_Target("aggregate", (row,), int(t)) for row, t in enumerate(index.rounds)]
+    if "acc" in reader.arrays:
+        out += [_Target("acc", (col,), user=u) for col, u in enumerate(index.users)]
+    return out
 
 
 class _Verifier:
     def __init__(self, store: UpdateStore, progress: bool | None) -> None:
         self.store = store
-        self.a = store._a
-        self.n = store._nrows
-        self.rounds = store.rounds
-        self.users: list[UserId] = store.users
-        self.m = store.layout.size
-        self.c = int(self.a["updates"].chunks[-1])
-        self.k = math.ceil(self.m / self.c)
-        self.report = VerifyReport(store.location, rounds=self.n, users=len(self.users))
         self.progress = progress
+        self.index = store.index
+        self.report = VerifyReport(store.location, rounds=self.index.n_rounds,
+                                   users=len(self.index.users), records=self.index.n_records)
 
-    def problem(self, kind: str, array: str, message: str, row: int | None = None,
-                col: int | None = None, chunk: int | None = None) -> None:
-        t = self.rounds[row] if row is not None and row < len(self.rounds) else None
-        u = self.users[col] if col is not None and col < len(self.users) else None
-        self.report.problems.append(Problem(kind, array, message, t, u, chunk))
+    # -- reporting ----------------------------------------------------------------------
+
+    def problem(self, kind: str, target: _Target | str, message: str,
+                chunk: int | None = None) -> None:
+        if isinstance(target, str):
+            self.report.problems.append(Problem(kind, target, message, chunk=chunk))
+        else:
+            self.report.problems.append(Problem(kind, target.array, message, target.round,
+                                                target.user, chunk))
+
+    def sorted_problems(self) -> list[Problem]:
+        col = {u: i for i, u in enumerate(self.index.users)}
+        return sorted(self.report.problems, key=lambda p: (
+            p.round is not None, -1 if p.round is None else p.round,
+            col.get(p.user, -1) if p.user is not None else -1,
+            -1 if p.chunk is None else p.chunk))
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> VerifyReport:
+        try:
+            reader = self.store.reader
+        except DamagedArchiveError as err:  # an array missing, or of the wrong shape
+            self.problem("invalid", "archive", _error_text(err))
+            return self.report
+        self.reader = reader
+        self.m, self.c = self.index.layout.size, self.index.settings.chunk
+        targets = _targets(self.index, reader)
+        self.check_chunks(targets)
+        self.check_leftovers()
+        self.check_garbage()
+        self.report.problems = self.sorted_problems()
+        return self.report
 
     def span(self, k: int) -> slice:
         return slice(k * self.c, min((k + 1) * self.c, self.m))
 
-    def run(self) -> VerifyReport:
-        if not self.check_metadata():
-            return self.report
-        self.check_committed()
-        sides = self.read_sides()
-        self.check_sides(sides)
-        base = self.check_model()
-        self.check_records(sides, base)
-        self.check_aggregates(sides, base)
-        self.check_accumulators(base)
-        col = {u: i for i, u in enumerate(self.users)}
-        self.report.problems.sort(key=lambda p: (
-            p.round is not None, -1 if p.round is None else p.round,
-            col.get(p.user, -1), -1 if p.chunk is None else p.chunk))
-        return self.report
+    # -- 1-3. chunks ----------------------------------------------------------------------
 
-    # -- 1. metadata ------------------------------------------------------------------
+    def check_chunks(self, targets: list[_Target]) -> None:
+        """Probe and decode every chunk of ``targets``; check the norms of sound records."""
+        keys = [self.reader.keys(t.array, t.lead) for t in targets]
+        probes = _probe(self.reader.arrays["model"].store, [k for ks in keys for k in ks])
+        jobs: list[tuple[tuple[int, int], Callable[[], np.ndarray]]] = []
+        sound = set(range(len(targets)))
+        for i, (t, ks) in enumerate(zip(targets, keys, strict=True)):
+            if not self.check_present(t, ks, probes):
+                sound.discard(i)
+            arr = self.reader.arrays[t.array]
+            for k, key in enumerate(ks):
+                if probes[key].size is not None:
+                    jobs.append(((i, k), _reader(arr, (*t.lead, self.span(k)))))
+        sq = np.zeros(len(targets))
+        for (i, k), got in _decode_all(jobs, self.progress):
+            t = targets[i]
+            counter = _COUNTER[t.array]
+            setattr(self.report, counter, getattr(self.report, counter) + 1)
+            if not self.chunk_ok(t, got, k):
+                sound.discard(i)
+            elif t.array == "records":
+                v = got.values.astype(np.float64).ravel()
+                sq[i] += float(np.dot(v, v))
+        for i in sorted(sound):
+            if targets[i].entry is not None:
+                self.check_norm(targets[i], math.sqrt(sq[i]))
 
-    def check_metadata(self) -> bool:
-        layout, a = self.store.layout, self.a
-        offset, names = 0, set()
-        for t in layout.tensors:
-            if t.offset != offset:
-                self.problem("invalid", "metadata", f"tensor {t.name!r} starts at {t.offset}, "
-                             f"expected {offset} (layout not contiguous)")
-            if t.name in names:
-                self.problem("invalid", "metadata", f"tensor name {t.name!r} appears twice")
-            names.add(t.name)
-            offset = t.offset + t.size
-        if len(set(self.users)) != len(self.users):
-            self.problem("invalid", "metadata", "user ids are not unique")
-        R, U = a["weight"].shape
-        expect = {"updates": (R, U, self.m), "aggregate": (R, self.m), "initial": (self.m,),
-                  "model": (R, self.m), "committed": (R,), "agg_evar": (R,)}
-        expect.update({name: (R, U) for name in _SIDE_2D})
-        if "anorm" in a:
-            expect["anorm"] = (R,)
-        for name, shape in expect.items():
-            if name in a and tuple(a[name].shape) != shape:
-                self.problem("invalid", name, f"shape {tuple(a[name].shape)}, expected {shape} "
-                             f"(model of {self.m} parameters, {R} rows, {U} user columns)")
-        if len(self.users) > U:
-            self.problem("invalid", "metadata", f"{len(self.users)} users but {U} columns")
-        return self.report.ok
+    def check_present(self, t: _Target, keys: list[str], probes: dict[str, _Probe]) -> bool:
+        """Every chunk of ``t`` is listed; a record's chunks add up to its ``nbytes``."""
+        ok = True
+        for k, key in enumerate(keys):
+            p = probes[key]
+            if p.error is not None:
+                kind = "missing" if _absent(p.error) else "corrupt"
+                self.problem(kind, t, f"chunk {key} cannot be looked up: {p.error}", k)
+                ok = False
+            elif p.size is None:
+                self.problem("missing", t, f"chunk {key} is missing (never read as zeros)", k)
+                ok = False
+        if ok and t.entry is not None:
+            on_disk = sum(probes[key].size for key in keys)
+            nbytes = int(self.index.entry_nbytes[t.entry])
+            if on_disk != nbytes:
+                self.problem("mismatch", t, f"record chunks hold {on_disk:,} bytes, the index "
+                             f"says {nbytes:,} (nbytes)")
+                ok = False
+        return ok
 
-    # -- 2. committed rows ------------------------------------------------------------
-
-    def check_committed(self) -> None:
-        committed = self.a["committed"][:]
-        r = np.asarray(self.rounds)
-        for i in np.flatnonzero(np.diff(r) <= 0):
-            self.problem("invalid", "committed", f"round {r[i + 1]} follows round {r[i]}: "
-                         "committed rounds must increase", row=int(i + 1))
-        late = [i for i in range(self.n + 1, committed.size) if committed[i] >= 0]
-        if late:
-            self.report.problems.append(Problem(
-                "invalid", "committed",
-                f"rows {late[:10]} are committed after the uncommitted row {self.n}: their "
-                f"rounds ({[int(committed[i]) for i in late[:10]]}) are invisible (the "
-                f"committed entry of row {self.n} is missing or damaged)"))
-
-    # -- 3. side arrays ---------------------------------------------------------------
-
-    def read_sides(self) -> dict[str, np.ndarray]:
-        n, nu = self.n, len(self.users)
-        fills = {"weight": np.nan}
-        sides: dict[str, np.ndarray] = {}
-        for name in _SIDE_2D:
-            arr = self.a[name]
-            try:
-                sides[name] = arr[:n, :nu] if n and nu else np.zeros((n, nu), arr.dtype)
-                continue
-            except Exception:  # noqa: BLE001 - localise the damaged chunks below
-                pass
-            out = np.full((n, nu), fills.get(name, 0), dtype=arr.dtype)
-            step = arr.chunks[1]
-            for row in range(n):
-                for start in range(0, nu, step):
-                    got = _decode(_reader(arr, (row, slice(start, min(start + step, nu)))))
-                    if got.error:
-                        self.problem("corrupt", name, f"side array chunk (columns {start}.."
-                                     f"{min(start + step, nu) - 1}) does not decode: "
-                                     f"{got.error}", row=row)
-                    else:
-                        out[row, start : start + got.values.size] = got.values
-            sides[name] = out
-        for name in ("agg_evar", "anorm"):
-            if name not in self.a:
-                continue
-            got = _decode(_reader(self.a[name], slice(0, n)))
-            if got.error:
-                self.problem("corrupt", name, f"does not decode: {got.error}")
-                sides[name] = np.zeros(n)
-            else:
-                sides[name] = got.values
-        return sides
-
-    def check_sides(self, s: dict[str, np.ndarray]) -> None:
-        W = s["weight"]
-        part = ~np.isnan(W)
-        stored = s["stored"]
-        for row in range(self.n):
-            if not part[row].any():
-                self.problem("invalid", "weight", "no participant (all weights NaN)", row=row)
-        for row, col in zip(*np.nonzero(part & ~(np.isfinite(W) & (W > 0))), strict=True):
-            self.problem("invalid", "weight", f"weight {W[row, col]:g} is not finite and > 0",
-                         row=int(row), col=int(col))
-        for row, col in zip(*np.nonzero((stored != 0) & (stored != 1)), strict=True):
-            self.problem("invalid", "stored", f"value {int(stored[row, col])} is not 0 or 1",
-                         row=int(row), col=int(col))
-        for row, col in zip(*np.nonzero((stored == 1) & ~part), strict=True):
-            self.problem("invalid", "stored", "record stored for a user who did not take part",
-                         row=int(row), col=int(col))
-        for name in ("dnorm", "znorm", "evar", "nbytes"):
-            v = s[name].astype(np.float64)
-            bad = ~(np.isfinite(v) & (v >= 0))
-            if name != "dnorm":
-                bad |= (stored != 1) & (v != 0)
-            for row, col in zip(*np.nonzero(bad), strict=True):
-                self.problem("invalid", name, f"value {s[name][row, col]:g} (expected finite, "
-                             ">= 0, and 0 where no record is stored)", row=int(row), col=int(col))
-        for name in ("agg_evar", "anorm"):
-            if name in s:
-                for row in np.flatnonzero(~(np.isfinite(s[name]) & (s[name] >= 0))):
-                    self.problem("invalid", name, f"value {s[name][row]:g} (expected finite, "
-                                 ">= 0)", row=int(row))
-
-    # -- 4. records -------------------------------------------------------------------
-
-    def decode_all(self, jobs: list[tuple[Any, Callable[[], np.ndarray]]],
-                   desc: str) -> Iterable[tuple[Any, _Decoded]]:
-        """Decode ``(tag, read)`` jobs on a few threads, yielding in order."""
-        from medustore.cli._common import stderr_is_terminal
-
-        show = stderr_is_terminal() if self.progress is None else self.progress
-        with ThreadPoolExecutor(WORKERS) as pool, tqdm(
-                total=len(jobs), desc=desc, unit="chunk", disable=not show, leave=False) as bar:
-            window: list = []
-            it = iter(jobs)
-            for tag, read in it:
-                window.append((tag, pool.submit(_decode, read)))
-                if len(window) >= 4 * WORKERS:
-                    tag0, fut = window.pop(0)
-                    yield tag0, fut.result()
-                    bar.update()
-            for tag0, fut in window:
-                yield tag0, fut.result()
-                bar.update()
-
-    def check_records(self, s: dict[str, np.ndarray], frozen: dict[int, bool]) -> None:
-        arr = self.a["updates"]
-        present = _keys(arr)
-        stored, nb = s["stored"], s["nbytes"]
-        dnorm, znorm, evar = s["dnorm"], s["znorm"], s["evar"]
-        pol = self.store.policy
-        nu = len(self.users)
-        seen: set[str] = set()
-        bad: set[tuple[int, int]] = set()
-        jobs = []
-        for row in range(self.n):
-            for col in range(nu):
-                keys = [chunk_key(arr, (row, col, k)) for k in range(self.k)]
-                seen.update(keys)
-                have = [k for k in range(self.k) if keys[k] in present]
-                if stored[row, col] != 1:
-                    for k in have:
-                        self.problem("unexpected", "updates", "record chunk present but the "
-                                     "index says the record is not stored", row, col, k)
-                    continue
-                self.report.records += 1
-                on_disk = sum(present[keys[k]] for k in have)
-                if on_disk != nb[row, col]:
-                    bad.add((row, col))  # reported here; its norm would only repeat it
-                    gone = [k for k in range(self.k) if k not in have]
-                    # An absent chunk on a slice where the model never moved is all zeros.
-                    gone = [k for k in gone if not frozen.get(k)] or gone
-                    if on_disk < nb[row, col] and gone:
-                        for k in gone:
-                            self.problem("missing", "updates", f"record chunk missing (nbytes "
-                                         f"says {int(nb[row, col]):,} bytes, "
-                                         f"{on_disk:,} found)", row, col, k)
-                    else:
-                        self.problem("mismatch", "updates", f"record chunks hold {on_disk:,} "
-                                     f"bytes, nbytes says {int(nb[row, col]):,}", row, col)
-                for k in have:
-                    sl = self.span(k)
-                    jobs.append(((row, col, k), _reader(arr, (row, col, sl))))
-        sq: dict[tuple[int, int], float] = {}
-        for (row, col, k), got in self.decode_all(jobs, "records"):
-            self.report.record_chunks += 1
-            if not self.chunk_ok("updates", got, self.span(k), row, col, k):
-                bad.add((row, col))
-                continue
-            sq[(row, col)] = sq.get((row, col), 0.0) + float(
-                np.dot(got.values.astype(np.float64), got.values.astype(np.float64)))
-        for row in range(self.n):
-            for col in np.flatnonzero(stored[row] == 1):
-                if (row, int(col)) in bad:
-                    continue
-                self.check_norm(pol, math.sqrt(sq.get((row, int(col)), 0.0)),
-                                float(dnorm[row, col]), float(znorm[row, col]),
-                                float(evar[row, col]), row, int(col))
-        self.leftovers(arr, present, seen, "record", n_lead=2)
-
-    def chunk_ok(self, array: str, got: _Decoded, span: slice, row: int | None = None,
-                 col: int | None = None, chunk: int | None = None) -> bool:
+    def chunk_ok(self, t: _Target, got: _Decoded, k: int) -> bool:
+        """The chunk decoded to finite values of the right size."""
         if got.error:
-            self.problem("corrupt", array, f"chunk does not decode ({got.error})",
-                         row, col, chunk)
+            kind = "missing" if _absent(got.error) else "corrupt"
+            what = "chunk object is missing from storage" if kind == "missing" else \
+                "chunk does not decode"
+            self.problem(kind, t, f"{what} ({got.error})", k)
             return False
-        size = span.stop - span.start
+        size = self.span(k).stop - self.span(k).start
         if got.values.size != size:
-            self.problem("corrupt", array, f"chunk decodes to {got.values.size} values, "
-                         f"expected {size}", row, col, chunk)
+            self.problem("corrupt", t, f"chunk decodes to {got.values.size} values, expected "
+                         f"{size}", k)
             return False
         if not np.isfinite(got.values).all():
             nbad = int((~np.isfinite(got.values)).sum())
-            self.problem("corrupt", array, f"chunk decodes to {nbad} NaN or infinite "
-                         "value(s)", row, col, chunk)
+            self.problem("corrupt", t, f"chunk decodes to {nbad} NaN or infinite value(s)", k)
             return False
         return True
 
-    def check_norm(self, pol: Any, norm: float, dnorm: float, znorm: float, evar: float,
-                   row: int, col: int) -> None:
+    def check_norm(self, t: _Target, norm: float) -> None:
+        """The decoded norm of a record agrees with ``dnorm``, ``znorm`` and ``evar``."""
+        e, pol = t.entry, self.index.policy
+        dnorm = float(self.index.entry_dnorm[e])
+        znorm = float(self.index.entry_znorm[e])
+        evar = float(self.index.entry_evar[e])
         if pol.lattice is None:
             got = math.hypot(norm, znorm)
             rtol = LOSSLESS_RTOL if pol.coord_threshold is None else THRESHOLD_RTOL
@@ -434,133 +449,98 @@ class _Verifier:
             ok = abs(norm - kept) <= LOSSY_SIGMAS * math.sqrt(evar) + LOSSY_RTOL * dnorm
             got, kind = norm, "lossy"
         if not ok:
-            self.problem("mismatch", "updates", f"{kind} record decodes to norm {got:.6g}, "
-                         f"the index says {dnorm:.6g} (dnorm)", row, col)
+            self.problem("mismatch", t, f"{kind} record decodes to norm {got:.6g}, the index "
+                         f"says {dnorm:.6g} (dnorm)")
 
-    def leftovers(self, arr: zarr.Array, present: dict[str, int], seen: set[str], what: str,
-                  n_lead: int) -> None:
-        """Chunks outside the committed rows: an interrupted round (a note) or damage."""
-        rows: set[int] = set()
-        for key in present.keys() - seen:
-            coords = _coords(arr, key)
-            if coords is not None and coords[0] >= self.n:
-                rows.add(coords[0])
-            elif coords is not None and n_lead == 2 and coords[1] >= len(self.users):
-                self.problem("unexpected", arr.basename, f"{what} chunk {key} in a column "
-                             "of no user", row=coords[0])
-            elif n_lead == 1 and coords is not None and coords[0] < self.n - 1:
-                self.report.notes.append(
-                    f"{arr.basename}: a copy of row {coords[0]} remains (a round was "
-                    "interrupted right after its commit); harmless")
-            else:
-                self.report.problems.append(Problem("unexpected", arr.basename,
-                                                    f"unrecognised chunk key {key}"))
-        if rows:
+    # -- 4. leftovers -------------------------------------------------------------------
+
+    def check_leftovers(self) -> None:
+        """Objects the index does not account for: beyond the counts (notes), outside the
+        declared table (notes), or under an array but not one of its chunks (problems)."""
+        arrays = self.reader.arrays
+        any_arr = arrays["model"]
+        root = any_arr.path.rpartition("/")[0]
+        prefix = f"{root}/" if root else ""
+        try:
+            keys = _list(any_arr.store, prefix)
+        except Exception as err:  # noqa: BLE001 - a store that cannot list is damaged
+            text = _error_text(err)
+            self.problem("missing" if _absent(text) else "corrupt", "store",
+                         f"the archive's objects cannot be listed: {text}")
+            return
+        by_top: dict[str, list[str]] = {}
+        for key in keys:
+            if key.endswith("/"):
+                continue  # a folder entry of a zip written by `zip -r`: not an object
+            top, _, rest = key[len(prefix):].partition("/")
+            if rest:
+                by_top.setdefault(top, []).append(rest)
+            elif top != "zarr.json":
+                by_top.setdefault(top, []).append("")
+        foreign = sorted(t for t in by_top if t not in arrays)
+        if foreign:
             self.report.notes.append(
-                f"{arr.basename}: {what} chunks in uncommitted row(s) {sorted(rows)} (left by "
-                "an interrupted round; the next record_round reuses them); harmless")
+                f"objects outside the archive's declared arrays: {', '.join(foreign)} "
+                "(never read); harmless")
+        for name in sorted(by_top.keys() & arrays.keys()):
+            self.check_array_keys(name, arrays[name], by_top[name])
 
-    # -- 5. aggregates, model, accumulators -------------------------------------------
-
-    def check_model(self) -> dict[int, bool]:
-        """Decode ``initial`` and the last model row; ``{chunk: frozen}`` where both decode
-        and the model did not move on that slice."""
-        frozen: dict[int, bool] = {}
-        init, model = self.a["initial"], self.a["model"]
-        init_keys, model_keys = _keys(init), _keys(model)
-        jobs: list = []
-        for k in range(self.k):
-            sl = self.span(k)
-            jobs.append((("initial", k), _reader(init, sl)))
-            if self.n:
-                jobs.append((("model", k), _reader(model, (self.n - 1, sl))))
-        values: dict[tuple[str, int], np.ndarray] = {}
-        for (name, k), got in self.decode_all(jobs, "model"):
-            self.report.model_chunks += 1
-            arr = init if name == "initial" else model
-            key = chunk_key(arr, (k,) if name == "initial" else (self.n - 1, k))
-            if key not in (init_keys if name == "initial" else model_keys):
-                what = "w_0" if name == "initial" else "the latest model w_T"
-                self.report.problems.append(Problem(
-                    "missing", name, f"chunk of {what} missing (reads as zeros)", chunk=k,
-                    round=self.rounds[-1] if name == "model" else None))
+    def check_array_keys(self, name: str, arr: zarr.Array, suffixes: list[str]) -> None:
+        beyond = []
+        for suffix in suffixes:
+            if suffix == "zarr.json":
                 continue
-            if self.chunk_ok(name, got, self.span(k), chunk=k):
-                values[(name, k)] = got.values
-        for k in range(self.k):
-            if ("initial", k) in values and ("model", k) in values:
-                frozen[k] = bool(np.array_equal(values[("initial", k)], values[("model", k)]))
-        seen = {chunk_key(model, (self.n - 1, k)) for k in range(self.k)} if self.n else set()
-        self.leftovers(model, model_keys, seen, "model", n_lead=1)
-        return frozen
+            coords = _chunk_coords(arr, suffix)
+            if coords is None:
+                self.problem("unexpected", name, f"object {name}/{suffix} is not a chunk of "
+                             "the array")
+            elif any(c >= n for c, n in zip(coords, arr.cdata_shape, strict=True)):
+                beyond.append(suffix)
+        if beyond:
+            self.report.notes.append(
+                f"{name}: {len(beyond)} chunk(s) beyond the archive's counts (first: "
+                f"{name}/{sorted(beyond)[0]}), left over and never read; harmless")
 
-    def check_aggregates(self, s: dict[str, np.ndarray], frozen: dict[int, bool]) -> None:
-        if not getattr(self.store.policy, "keep_aggregates", True):
+    # -- 5. garbage ---------------------------------------------------------------------
+
+    def check_garbage(self) -> None:
+        """Icechunk's dry-run garbage collection: what no kept version refers to."""
+        try:
+            summary = self.store.garbage()
+        except Exception as err:  # noqa: BLE001 - the scan reads every kept version
+            text = _error_text(err)
+            if _absent(text):
+                self.problem("missing", "repository", "an object a kept version refers to is "
+                             f"missing: {text}")
+            else:
+                self.report.notes.append(f"could not look for garbage: {text}")
             return
-        arr = self.a["aggregate"]
-        present = _keys(arr)
-        upd = self.a["updates"]
-        upd_keys = _keys(upd)
-        stored = s["stored"]
-        jobs, seen = [], set()
-        for row in range(self.n):
-            for k in range(self.k):
-                key = chunk_key(arr, (row, k))
-                seen.add(key)
-                if key in present:
-                    jobs.append(((row, k), _reader(arr, (row, self.span(k)))))
-                    continue
-                cols = np.flatnonzero(stored[row] == 1)
-                zero_records = cols.size > 0 and all(
-                    chunk_key(upd, (row, int(c), k)) not in upd_keys for c in cols)
-                if not (frozen.get(k) or zero_records):
-                    self.problem("missing", "aggregate", "aggregate chunk missing (reads as "
-                                 "zeros)", row=row, chunk=k)
-        for (row, k), got in self.decode_all(jobs, "aggregates"):
-            self.report.aggregate_chunks += 1
-            self.chunk_ok("aggregate", got, self.span(k), row=row, chunk=k)
-        self.leftovers(arr, present, seen, "aggregate", n_lead=0)
-
-    def check_accumulators(self, frozen: dict[int, bool]) -> None:
-        if not self.store.has_accumulators:
+        if summary is None:  # a plain Zarr snapshot: no versions, no garbage
             return
-        acc, acc_row = self.a["acc"], self.a["acc_row"]
-        got_rows = _decode(_reader(acc_row, (slice(0, len(self.users)), slice(None))))
-        if got_rows.error:
-            self.report.problems.append(Problem("corrupt", "acc_row", got_rows.error))
-            return
-        present = _keys(acc)
-        jobs = []
-        for col, slots in enumerate(got_rows.values):
-            valid = [q for q in (0, 1) if 0 <= slots[q] < self.n]
-            if not valid:
-                continue
-            slot = max(valid, key=lambda q: slots[q])
-            for k in range(self.k):
-                if chunk_key(acc, (col, slot, k)) in present:
-                    jobs.append(((col, k), _reader(acc, (col, slot, self.span(k)))))
-                elif not frozen.get(k):
-                    self.problem("missing", "acc", "accumulator chunk missing (reads as zeros)",
-                                 col=col, chunk=k)
-        for (col, k), got in self.decode_all(jobs, "accumulators"):
-            self.report.accumulator_chunks += 1
-            self.chunk_ok("acc", got, self.span(k), col=col, chunk=k)
+        count = sum(int(getattr(summary, name, 0) or 0) for name in _GC_COUNTS)
+        size = int(getattr(summary, "bytes_deleted", 0) or 0)
+        if count:
+            self.report.notes.append(
+                f"garbage: {count} object(s), {size:,} bytes that no kept version refers to "
+                "(left by interrupted writes or expired versions); compacting deletes them; "
+                "harmless")
 
 
-def verify(store: UpdateStore, *, progress: bool | None = None) -> VerifyReport:
+def verify(store: UpdateStore, progress: bool | None = None) -> VerifyReport:
     """Decode every chunk of ``store`` and check it against the archive's index.
 
     Parameters
     ----------
     store
-        An open archive (read-only is enough).
+        An open archive (read-only is enough); the version it holds is checked.
     progress
-        Progress bars on stderr (default: when stderr is a terminal).
+        A progress bar on stderr (default: when stderr is a terminal).
 
     Returns
     -------
     VerifyReport
         ``report.ok`` is True when nothing is wrong; ``report.problems`` names each damaged
-        or missing chunk by round, user and chunk index.
+        or missing chunk by array, round, user and chunk index; ``report.notes`` lists
+        harmless findings (leftover chunks, garbage of interrupted writes).
     """
     return _Verifier(store, progress).run()
