@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from medustore.archive.table import TABLE, spec
+from medustore.archive.table import TABLE, check_array, spec
 from medustore.errors import DamagedArchiveError, NotAnArchiveError, UnsupportedFormatError
 from medustore.index import ArchiveIndex, Settings, load_index
 
@@ -56,12 +55,15 @@ class ArchiveReader:
         self.index = index
         self.where = where
         flags = index.settings.flags()
-        try:
-            self.arrays: dict[str, zarr.Array] = {
-                s.name: group[s.name] for s in TABLE if s.exists(flags)}
-        except KeyError as err:
-            raise DamagedArchiveError(f"{where}: array {err} is missing") from None
+        self.arrays: dict[str, zarr.Array] = {}
+        for s in TABLE:
+            if s.exists(flags):
+                self.arrays[s.name] = _open_array(group, s.name, where)
         self._store = group.store
+        for name, arr in self.arrays.items():
+            problem = check_array(spec(name), arr, index.settings.model_dtype)
+            if problem:
+                raise DamagedArchiveError(f"{where}: {problem}")
         self._check_shapes()
 
     def _check_shapes(self) -> None:
@@ -140,12 +142,24 @@ class ArchiveReader:
         return int(sync(self._store.getsize_prefix("")))
 
 
-def _read_table(group: zarr.Group, name: str, n_rows: int, where: str) -> np.ndarray:
-    s = spec(name)
+def _open_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
     try:
         arr = group[name]
     except KeyError:
-        raise DamagedArchiveError(f"{where}: index array {name} is missing") from None
+        raise DamagedArchiveError(f"{where}: array {name} is missing") from None
+    except Exception as err:  # unreadable metadata: unknown codec, bad JSON, ...
+        raise DamagedArchiveError(f"{where}: array {name} does not open: {_brief(err)}") from err
+    if not isinstance(arr, zarr.Array):
+        raise DamagedArchiveError(f"{where}: {name} is a group, expected an array")
+    return arr
+
+
+def _read_table(group: zarr.Group, name: str, n_rows: int, where: str) -> np.ndarray:
+    s = spec(name)
+    arr = _open_array(group, name, where)
+    problem = check_array(s, arr, "f4")
+    if problem:
+        raise DamagedArchiveError(f"{where}: {problem}")
     if arr.shape[0] != n_rows:
         raise DamagedArchiveError(f"{where}: index array {name} has {arr.shape[0]} rows, the "
                                   f"archive's counts say {n_rows}")

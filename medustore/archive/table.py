@@ -28,7 +28,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-__all__ = ["GROWING", "INT_FILL", "LOSSLESS", "TABLE", "ArraySpec", "spec"]
+__all__ = ["ALLOWED_CODECS", "GROWING", "INT_FILL", "LOSSLESS", "TABLE", "ArraySpec",
+           "check_array", "spec"]
 
 #: Fill value of integer index tables: no valid entry takes it, so an unwritten cell shows.
 INT_FILL = int(np.iinfo(np.int64).min)
@@ -134,6 +135,33 @@ _BY_NAME = {s.name: s for s in TABLE}
 def spec(name: str) -> ArraySpec:
     """The declared array ``name``."""
     return _BY_NAME[name]
+
+
+#: The only codecs an archive may name. Anything else (a pickle codec, say) is refused before
+#: a single chunk is decoded: an archive from a stranger must not be able to run code.
+ALLOWED_CODECS = frozenset({"bytes", "zstd", "vlen-utf8", "medustore.lattice",
+                            "medustore.diffthreshold"})
+
+
+def check_array(s: ArraySpec, arr: zarr.Array, model_dtype: str) -> str | None:
+    """What is wrong with array ``arr`` against its declaration ``s`` (None: nothing)."""
+    names = [c.to_dict().get("name") for c in arr.metadata.codecs]
+    foreign = [n for n in names if n not in ALLOWED_CODECS]
+    if foreign:
+        return (f"array {s.name} names codec(s) {foreign} that medustore archives never use; "
+                "refusing to decode it")
+    if s.role in ("index", "lossless") and not set(names) <= {"bytes", "zstd", "vlen-utf8"}:
+        return f"array {s.name} must be lossless, but names codecs {names}"
+    if s.dtype == "str":
+        expected, ok = "text", np.dtype(arr.dtype).kind in "TUO"
+    else:
+        expected = np.dtype(s.numpy_dtype(model_dtype))
+        ok = np.dtype(arr.dtype) == expected
+    if not ok:
+        return f"array {s.name} has dtype {arr.dtype}, expected {expected}"
+    if arr.ndim != len(s.dims):
+        return f"array {s.name} has {arr.ndim} dimensions, expected {len(s.dims)}"
+    return None
 
 
 def codec_args(spec: ArraySpec, serializers: Mapping[str, dict | None]) -> dict:
