@@ -243,13 +243,16 @@ def plan(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
                         row_terms.append(Term("record", row, rec, coef,
                                               f"record of user {user!r} in round {t}"))
                         det += f * coef * float(index.entry_znorm[e])
-                        var += (f * coef) ** 2 * float(index.entry_evar[e])
+                        var += (f * coef) * (f * coef) * float(index.entry_evar[e])
                         used += 1
                     else:
                         det += f * coef * float(index.entry_dnorm[e])
                         n_missing += 1
                         missing.append((t, user))
         terms.append(tuple(row_terms))
+    if not (math.isfinite(det) and math.isfinite(var)):
+        raise ValueError(f"the error budget overflows (alpha={alpha!r} over {len(rows)} rounds, "
+                         "or weights of extreme ratios); use a smaller alpha or a round window")
     budget = ErrorBudget(det, math.sqrt(var), used, n_missing, n_rounds, tuple(missing))
     method = "replay"
     if can_acc and exact_accumulator is not False:
@@ -322,10 +325,15 @@ def run(source: Any, p: Plan, *, out: OutputKind = "numpy",
                 f"plus lattice noise of RMS {p.budget.rms:.4g}",
                 IncompleteUnlearningWarning, stacklevel=3)
         result = latest - _correction(reader, p, progress)
-    if not np.isfinite(result).all():
-        raise ValueError("the unlearned model is not finite: the alpha skew or the weights' "
-                         "ratios overflow the float range")
-    return source.index.layout.unflatten(result, out)
+    layout = source.index.layout
+    peak = float(np.max(np.abs(result))) if result.size else 0.0
+    limit = min(float(np.finfo(np.dtype(t.dtype)).max) for t in layout.tensors
+                if np.dtype(t.dtype).kind == "f") if out != "flat" else np.inf
+    if not (np.isfinite(result).all() and peak <= limit):
+        raise ValueError(f"the unlearned model overflows the model's precision (alpha="
+                         f"{p.alpha!r}, or weights of extreme ratios); use a smaller alpha or a "
+                         "round window")
+    return layout.unflatten(result, out)
 
 
 def _correction(reader: ArchiveReader, p: Plan, progress: bool | None) -> np.ndarray:

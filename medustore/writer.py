@@ -63,6 +63,13 @@ class RoundPlan:
     acc_terms: tuple[np.ndarray, ...] | None
 
 
+#: Largest ratio of one user's weight to the rest of its round's. Unlearning that user scales
+#: its stored differential by this ratio, so rounding in the differential (float64 while the
+#: round is planned, float32 once stored) is amplified by it: past 2**24 the answer could be
+#: wrong by more than the update itself.
+MAX_WEIGHT_RATIO = float(2**24)
+
+
 def _parse_updates(layout: ModelLayout, updates: Any) -> tuple[list[Any], list[np.ndarray]]:
     if _is_module(updates):
         raise TypeError("updates must map users to updates; got a torch module")
@@ -76,6 +83,9 @@ def _parse_updates(layout: ModelLayout, updates: Any) -> tuple[list[Any], list[n
         except (TypeError, ValueError):
             raise TypeError("updates must be a mapping or (user, update) pairs") from None
         u = parse_user(user)
+        if _is_module(update):
+            raise TypeError(f"update of user {u!r} is a torch module; pass the update "
+                            "w_local - w_global (a state_dict or tensors), not the model")
         if u in seen:
             raise ValueError(f"user {u!r} appears twice in this round")
         seen.add(u)
@@ -112,8 +122,20 @@ def _parse_weights(users: list[Any], weights: Mapping[Any, float] | None) -> np.
         raise ValueError(f"the round's weights sum past the float range ({total}); scale them "
                          "down (only their ratios matter)")
     if (p / total == 0).any():
-        raise ValueError("a weight is so small against the round's total that its share "
-                         "underflows to 0; scale the weights to a narrower range")
+        i = int(np.flatnonzero(p / total == 0)[0])
+        raise ValueError(f"the weight of user {users[i]!r} ({p[i]!r}) is so small against the "
+                         f"round's total ({total!r}) that its share underflows to 0; scale the "
+                         "weights to a narrower range")
+    if p.size > 1:
+        rest = total - p
+        rest = np.where(rest > 0, rest, [float(np.delete(p, i).sum()) for i in range(p.size)])
+        ratio = p / rest
+        if (ratio > MAX_WEIGHT_RATIO).any():
+            i = int(np.argmax(ratio))
+            raise ValueError(
+                f"the weight of user {users[i]!r} is {ratio[i]:.3g} times the rest of the "
+                f"round's (more than {MAX_WEIGHT_RATIO:.3g}): removing it later would multiply "
+                "float rounding by that much; scale the weights to a narrower range")
     return p
 
 
@@ -174,7 +196,7 @@ def plan_round(index: ArchiveIndex, round: Any, updates: Any,
     if settings.accumulators:
         terms = []
         for i, d in enumerate(dvecs):
-            rest = P - p[i]
+            rest = float(np.delete(p, i).sum())  # P - p_i would cancel to 0 for a huge p_i
             with np.errstate(over="ignore", invalid="ignore"):
                 term = hbar if rest <= 0 else (p[i] / rest) * d.astype(np.float64)
             if not np.isfinite(term).all():

@@ -344,7 +344,9 @@ def test_demo_is_reproducible(demo_json: tuple[dict, Path]) -> None:
     first = demo_json[0]
     for key in ("poisoned", "retrain", "unlearned_full"):
         assert again["models"][key] == first["models"][key]
-    assert again["storage"]["full_bytes"] == first["storage"]["full_bytes"]
+    # Same data, byte for byte; only Icechunk's own metadata differs between runs (random
+    # snapshot ids and commit times, which its compression codes in a few bytes more or less).
+    assert abs(again["storage"]["full_bytes"] - first["storage"]["full_bytes"]) <= 64
     assert again["out"] is None
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import zarr
 from _fl import (
     History,
     make_history,
     make_round,
+    memory_url,
     record,
     rel_err,
     replay,
@@ -39,7 +39,8 @@ M = 97  # odd and not a multiple of any lattice dimension
 
 
 def open_mem(w0: np.ndarray, policy: object = "full", **kw: object) -> medustore.UpdateStore:
-    return medustore.open(zarr.storage.MemoryStore(), "w", model=w0, policy=policy, **kw)
+    """A new in-memory archive (Icechunk's in-memory storage, one per call)."""
+    return medustore.open(memory_url("replay"), "w", model=w0, policy=policy, **kw)
 
 
 # ---------------------------------------------------------------------------- strategies

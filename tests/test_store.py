@@ -1,5 +1,6 @@
 """`UpdateStore`: opening modes, reopening in a fresh process, input validation that never
-writes, reads, and torch / numpy / flat models."""
+writes, reads, torch / numpy / flat models, and locations (directories, ``file://``,
+``memory://``, plain Zarr exports in a directory or a zip)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,24 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import zarr
-from _fl import helpers_dir, make_history, record, rel_err, replay, seeded_dither, snapshot
+from _fl import (
+    export_zip,
+    helpers_dir,
+    make_history,
+    memory_url,
+    record,
+    rel_err,
+    replay,
+    seeded_dither,
+    snapshot,
+)
 
 import medustore
 from medustore import NotAnArchiveError, ReadOnlyError, UnknownUserError
@@ -78,15 +90,20 @@ def test_modes_on_a_missing_path(tmp_path: Path) -> None:
     for mode in ("r", "r+"):
         with pytest.raises(NotAnArchiveError):
             medustore.open(missing, mode)
-        assert not missing.exists()
-    with pytest.raises(ValueError, match="model"):
-        medustore.open(missing, "a")
-    with medustore.open(missing, "a", model=dict_model(), policy="full") as store:
-        assert store.rounds == []
+        assert not missing.exists()  # a read creates nothing
     with medustore.open(tmp_path / "new.zarr", "w-", model=dict_model()) as store:
         assert store.policy.name == "medu"  # the default policy
     with pytest.raises(ValueError, match="mode"):
         medustore.open(missing, "x")  # type: ignore[arg-type]
+    assert not missing.exists()
+
+
+def test_mode_a_creates_at_a_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "none.zarr"
+    with pytest.raises(ValueError, match="model"):
+        medustore.open(missing, "a")
+    with medustore.open(missing, "a", model=dict_model(), policy="full") as store:
+        assert store.rounds == []
 
 
 def test_foreign_data_is_never_wiped(tmp_path: Path) -> None:
@@ -97,9 +114,12 @@ def test_foreign_data_is_never_wiped(tmp_path: Path) -> None:
     (plain / "notes.txt").write_text("keep me")
     for path in (tmp_path / "other.zarr", plain):
         before = snapshot(path)
-        with pytest.raises(NotAnArchiveError):
-            medustore.open(path, "r")
-        with pytest.raises(FileExistsError):
+        for mode in ("r", "r+"):
+            with pytest.raises(NotAnArchiveError):
+                medustore.open(path, mode)
+        # A zarr group is read as a (plain) archive and refused as not one; a folder of
+        # other files is no repository, and "a" would create one there: refused too.
+        with pytest.raises(NotAnArchiveError if path.name == "other.zarr" else FileExistsError):
             medustore.open(path, "a", model=dict_model())
         with pytest.raises(FileExistsError):
             medustore.open(path, "w-", model=dict_model())
@@ -123,15 +143,6 @@ def test_read_only_refuses_writes(archive: Path) -> None:
         np.testing.assert_array_equal(store.latest("flat"), latest)
         store.unlearn("a")  # reads still work
     assert snapshot(archive) == before
-
-
-def test_not_a_newer_format(archive: Path) -> None:
-    group = zarr.open_group(archive, mode="r+")
-    meta = dict(group.attrs["medustore"])
-    meta["format"] = medustore.FORMAT_VERSION + 1
-    group.attrs["medustore"] = meta
-    with pytest.raises(NotAnArchiveError, match="upgrade"):
-        medustore.open(archive, "r")
 
 
 # ---------------------------------------------------------------------------- fresh process
@@ -196,20 +207,28 @@ def test_reopen_in_a_new_process_reads_the_same(tmp_path: Path, policy: str) -> 
         assert rel_err(want["unlearn_a"], replay(h, ["a"])) <= RTOL
 
 
-def test_plain_zarr_in_a_new_process_decodes_records(tmp_path: Path) -> None:
-    # A process that never imports medustore finds the codecs through entry points.
+def test_a_process_without_medustore_code_decodes_records(tmp_path: Path) -> None:
+    # Plain zarr (over Icechunk, and over an exported zip) finds the codecs through entry
+    # points: the reading code never imports medustore itself.
     path = tmp_path / "run.zarr"
     h = make_history(4, 200, [["a", "b"]])
     with seeded_dither(4), medustore.open(path, "w", model=h.w0, policy="lattice") as store:
         record(store, h)
         want = store.record(0, "b")
-    out = tmp_path / "rec.npy"
+        idx = store.index
+        rec = int(idx.entry_record[idx.entry(idx.row(0), idx.column("b"))])
+        zipped = export_zip(store, tmp_path / "run.zip")
+    out = tmp_path / "rec.npz"
     _run(f"""
-        import numpy as np, zarr
-        g = zarr.open_group({str(path)!r}, mode="r")
-        np.save({str(out)!r}, g["updates"][0, 1, :])
+        import icechunk, numpy as np, zarr
+        repo = icechunk.Repository.open(icechunk.local_filesystem_storage({str(path)!r}))
+        g = zarr.open_group(repo.readonly_session(branch="main").store, mode="r")
+        z = zarr.open_group(zarr.storage.ZipStore({str(zipped)!r}, mode="r"), mode="r")
+        np.savez({str(out)!r}, repo=g["records"][{rec}, :], zip=z["records"][{rec}, :])
         """)
-    np.testing.assert_array_equal(np.load(out), want)
+    with np.load(out) as got:
+        np.testing.assert_array_equal(got["repo"], want)
+        np.testing.assert_array_equal(got["zip"], want)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -269,11 +288,12 @@ def test_bad_input_raises_and_writes_nothing(archive: Path, case: str) -> None:
     updates, weights, error, pattern = _bad(np.random.default_rng(2))[case]
     before = snapshot(archive)
     with medustore.open(archive, "r+") as store:
-        latest = store.latest("flat")
+        latest, digest = store.latest("flat"), store.index.digest
         with pytest.raises(error, match=pattern):
             store.record_round(5, updates, weights=weights)
         # Nothing changed, in memory or on disk, and the store still takes a good round.
         assert store.rounds == [0, 2] and store.users == ["a", "b", 7]
+        assert store.index.digest == digest
         assert snapshot(archive) == before
         rng = np.random.default_rng(3)
         good = {"a": dict_update(rng), "c": dict_update(rng)}
@@ -338,6 +358,44 @@ def test_reads_and_index(archive: Path) -> None:
         assert store.nbytes_stored() > sum(by_round.values())
         assert "rounds=2" in repr(store) and "users=3" in repr(store)
         assert list(store.iter_rows()) == [(0, 0), (1, 2)]
+
+
+def test_replay_takes_any_source_with_index_and_reader(archive: Path) -> None:
+    from medustore import replay as rp
+
+    class Source:
+        def __init__(self, index: Any, reader: Any) -> None:
+            self.index, self.reader = index, reader
+
+    with medustore.open(archive, "r") as store:
+        src = Source(store.index, store.reader)
+        np.testing.assert_array_equal(rp.unlearn(src, "a", out="flat"),
+                                      store.unlearn("a", out="flat"))
+        np.testing.assert_array_equal(rp.reconstruct(src, 2, out="flat"),
+                                      store.reconstruct(2, out="flat"))
+        p = rp.plan(src, ["b", 7])
+        assert p.method == "replay" and p.users == ("b", 7)
+        np.testing.assert_array_equal(rp.run(src, p, out="flat"),
+                                      store.unlearn(["b", 7], out="flat"))
+        assert rp.error_budget(src, "a") == store.error_budget("a")
+
+
+def test_a_reader_keeps_the_version_it_opened(archive: Path) -> None:
+    rng = np.random.default_rng(8)
+    with medustore.open(archive, "r") as reader:
+        latest, digest = reader.latest("flat"), reader.index.digest
+        unlearned = reader.unlearn("a", out="flat")
+        with medustore.open(archive, "r+") as writer:
+            writer.record_round(5, {"a": dict_update(rng), "zz": dict_update(rng)})
+            assert writer.rounds == [0, 2, 5]
+        # The reader answers from its version whatever was committed since.
+        assert reader.rounds == [0, 2] and reader.users == ["a", "b", 7]
+        assert reader.index.digest == digest
+        np.testing.assert_array_equal(reader.latest("flat"), latest)
+        np.testing.assert_array_equal(reader.unlearn("a", out="flat"), unlearned)
+    with medustore.open(archive, "r") as store:
+        assert store.rounds == [0, 2, 5] and store.users == ["a", "b", 7, "zz"]
+        assert store.index.digest != digest
 
 
 def test_round_summary(tmp_path: Path) -> None:
@@ -446,18 +504,46 @@ def _small_run(location: str) -> np.ndarray:
         return s.unlearn(2, out="flat")
 
 
-def test_file_and_memory_urls(tmp_path) -> None:
-    for location in (f"file://{tmp_path}/run.zarr", "memory://locations/run.zarr"):
+def test_file_and_memory_urls(tmp_path: Path) -> None:
+    for location in (f"file://{tmp_path}/run.zarr", memory_url("locations")):
         expected = _small_run(location)
         with medustore.open(location) as store:
             assert store.rounds == [0, 1, 2]
             np.testing.assert_array_equal(store.unlearn(2, out="flat"), expected)
 
 
-def test_zip_archive_is_read_only(tmp_path) -> None:
+def test_memory_archives_are_separate_and_w_replaces() -> None:
+    a, b = memory_url("a"), memory_url("b")
+    _small_run(a)
+    with pytest.raises(NotAnArchiveError):
+        medustore.open(b, "r")
+    with medustore.open(a, "w", model=np.zeros(3), policy="full") as store:
+        assert store.rounds == [] and store.layout.size == 3
+    with medustore.open(a, "r") as store:
+        assert store.rounds == [] and store.layout.size == 3
+
+
+def test_exported_zip_and_directory_are_read_only(tmp_path: Path) -> None:
     expected = _small_run(str(tmp_path / "run.zarr"))
-    zipped = shutil.make_archive(str(tmp_path / "run"), "zip", tmp_path / "run.zarr")
-    with medustore.open(f"zip://{zipped}") as store:
-        np.testing.assert_array_equal(store.unlearn(2, out="flat"), expected)
-    with pytest.raises(ValueError, match="read-only"):
-        medustore.open(f"zip://{zipped}", "r+")
+    with medustore.open(tmp_path / "run.zarr") as store:
+        digest, latest = store.index.digest, store.latest("flat")
+        zipped = export_zip(store, tmp_path / "run.zip")
+    plain = tmp_path / "plain"
+    with zipfile.ZipFile(zipped) as zf:
+        zf.extractall(plain)
+    for location in (f"zip://{zipped}", zipped, plain):
+        with medustore.open(location) as store:
+            assert store.rounds == [0, 1, 2] and store.index.digest == digest
+            assert store.snapshot_id is None
+            np.testing.assert_array_equal(store.latest("flat"), latest)
+            np.testing.assert_array_equal(store.unlearn(2, out="flat"), expected)
+            with pytest.raises(ReadOnlyError):
+                store.record_round(3, {1: np.zeros(64, np.float32)})
+    before = snapshot(plain)
+    for location in (f"zip://{zipped}", zipped, plain):
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            medustore.open(location, "r+")
+    for location in (f"zip://{zipped}", zipped):
+        with pytest.raises(ValueError, match="read-only"):
+            medustore.open(location, "w", model=np.zeros(64, np.float32))
+    assert snapshot(plain) == before

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import icechunk
+import icechunk.store
 import numpy as np
 import pytest
 from _fl import (
     History,
-    Injected,
     Round,
-    Tripwire,
     make_round,
     make_w0,
     rel_err,
     replay,
     skewed_unlearn,
     snapshot,
-    tripwire,
 )
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -35,6 +37,38 @@ from medustore import ReadOnlyError
 M = 48
 RTOL = 1e-6
 POOL = ["a", "b", "c", 1, 2]
+
+class Injected(RuntimeError):
+    """The failure injected into a round's writes."""
+
+
+@contextmanager
+def failing_writes(at: int) -> Iterator[list[str]]:
+    """Raise `Injected` instead of the ``at``-th write of the Icechunk session (a chunk or
+    metadata key) or, once every key is written, instead of the commit. Yields the writes
+    that went through ("commit" last when the commit did)."""
+    writes: list[str] = []
+    original_set, original_commit = icechunk.store.IcechunkStore.set, icechunk.Session.commit
+
+    def tick(what: str) -> None:
+        if len(writes) == at:
+            raise Injected(f"injected before write {at}: {what}")
+        writes.append(what)
+
+    async def set_(self: Any, key: str, value: Any) -> None:
+        tick(key)
+        await original_set(self, key, value)
+
+    def commit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        tick("commit")
+        return original_commit(self, *args, **kwargs)
+
+    icechunk.store.IcechunkStore.set, icechunk.Session.commit = set_, commit
+    try:
+        yield writes
+    finally:
+        icechunk.store.IcechunkStore.set, icechunk.Session.commit = original_set, original_commit
+
 
 participants = st.lists(st.sampled_from(POOL), min_size=1, max_size=4, unique=True)
 weights = st.lists(st.sampled_from([0.5, 1.0, 2.0, 7.0]), min_size=4, max_size=4)
@@ -67,16 +101,21 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(users=participants, seed=st.integers(0, 999), w=weights, at=st.integers(0, 40))
     def record_fails_part_way(self, users: list, seed: int, w: list[float], at: int) -> None:
         r = self._round(users, 0, seed, w)
-        wire = Tripwire(at)
+        digest = self.store.index.digest
         try:
-            with tripwire(self.store, wire):
+            with failing_writes(at) as writes:
                 self.store.record_round(r.t, r.updates, weights=r.weights)
         except Injected:
-            pass
+            # Nothing of the round is visible: not to this writer, nor to a new reader.
+            assert "commit" not in writes
+            assert self.store.index.digest == digest
+            with medustore.open(self.path, "r") as other:
+                assert other.index.digest == digest
+            return
         # The round is in exactly when its commit was written.
-        if any(x.startswith("committed") for x in wire.writes):
-            self.model.rounds.append(r)
-            self.next_round = r.t + 1
+        assert writes[-1] == "commit"
+        self.model.rounds.append(r)
+        self.next_round = r.t + 1
 
     @rule(data=st.data())
     def bad_record_changes_nothing(self, data: st.DataObject) -> None:
@@ -90,6 +129,7 @@ class StoreMachine(RuleBasedStateMachine):
         with pytest.raises(ValueError):
             self.store.record_round(t, updates)
         assert snapshot(self.path) == before
+        assert self.store.rounds == [r.t for r in self.model.rounds]
 
     @rule(mode=st.sampled_from(["r", "r+", "a"]))
     def reopen(self, mode: str) -> None:
@@ -100,6 +140,7 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(ReadOnlyError):
                 self.store.record_round(self.next_round, {"a": np.zeros(M, np.float32)})
             assert snapshot(self.path) == before
+            self.store.close()
             self.store = medustore.open(self.path, "r+")
 
     @precondition(lambda self: self.model.rounds)

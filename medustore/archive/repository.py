@@ -14,6 +14,7 @@ medustore needs of it:
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,12 @@ import zarr
 
 from medustore.archive.reader import read_settings
 from medustore.archive.storage import Location, forget_memory
-from medustore.errors import ConcurrentWriteError, DamagedArchiveError, VersionNotKeptError
+from medustore.errors import (
+    ConcurrentWriteError,
+    DamagedArchiveError,
+    NotAnArchiveError,
+    VersionNotKeptError,
+)
 
 __all__ = ["BRANCH", "Repository", "Retention", "lock_path"]
 
@@ -85,6 +91,16 @@ def lock_path(path: Path) -> Path:
     return path.parent / f".{path.name}.lock"
 
 
+def _remove_staging(root: Path, before: dt.datetime) -> None:
+    """Delete half-written objects (``NAME#N``) of writers killed mid-write: Icechunk's file
+    storage renames them into place when complete, and its listings (hence its garbage
+    collection) skip them. Compaction runs under the writer's lock: none is in flight."""
+    limit = before.timestamp()
+    for p in root.rglob("*#*"):
+        if p.is_file() and re.fullmatch(r".+#\d+", p.name) and p.stat().st_mtime < limit:
+            p.unlink(missing_ok=True)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -105,8 +121,15 @@ class Repository:
         """The repository at ``location``, or None when there is none."""
         if not location.is_repository:
             return cls(location, None)
-        if location.storage is None or not icechunk.Repository.exists(location.storage):
-            return None
+        if location.kind == "local" and not location.path.exists():
+            return None  # asking Icechunk would create the directory
+        try:
+            if location.storage is None or not icechunk.Repository.exists(location.storage):
+                return None
+        except icechunk.IcechunkError as err:
+            first = next((ln.strip(" |x`-") for ln in str(err).splitlines() if ln.strip()), "")
+            raise NotAnArchiveError(f"{location.text}: the storage does not answer: "
+                                    f"{first}") from None
         lock = cls._acquire(location) if write else None
         try:
             return cls(location, icechunk.Repository.open(location.storage), lock)
@@ -282,9 +305,12 @@ class Repository:
         cutoff = snaps[keep].written_at
         try:
             self._repo.expire_snapshots(cutoff)
-            return self._repo.garbage_collect(cutoff)
+            summary = self._repo.garbage_collect(cutoff)
         except icechunk.IcechunkError as err:
             raise DamagedArchiveError(f"{self.location.text}: compaction failed: {err}") from err
+        if self.location.kind == "local":
+            _remove_staging(self.location.path, cutoff)
+        return summary
 
     def nbytes(self) -> int | None:
         """Bytes on disk of a local archive (every object of every kept version, the

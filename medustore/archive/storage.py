@@ -147,8 +147,6 @@ def parse_location(location: Any, *, storage_options: Mapping[str, Any] | None =
     if path.is_file():
         raise NotAnArchiveError(f"{text} is a file, not a medustore archive (an archive is a "
                                 "directory, or a .zip written by `medustore export`)")
-    if not create and not path.exists():
-        raise NotAnArchiveError(f"no medustore archive at {text}")
     if not create and (path / "zarr.json").is_file():
         return Location("plain", text, path=path,
                         store=zarr.storage.LocalStore(path, read_only=True))
