@@ -201,6 +201,10 @@ class ArchiveIndex:
 
     # ------------------------------------------------------------------ lookups
 
+    def find(self, user: Any) -> int | None:
+        """Column of ``user``, or None if the archive has never seen it."""
+        return self._col.get(parse_user(user))
+
     def column(self, user: Any) -> int:
         """Column of ``user``; `UnknownUserError` naming a few known ids otherwise."""
         u = parse_user(user)

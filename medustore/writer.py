@@ -128,7 +128,8 @@ def _parse_weights(users: list[Any], weights: Mapping[Any, float] | None) -> np.
                          "weights to a narrower range")
     if p.size > 1:
         rest = total - p
-        rest = np.where(rest > 0, rest, [float(np.delete(p, i).sum()) for i in range(p.size)])
+        for i in np.flatnonzero(rest <= total * 1e-9):  # the subtraction may have cancelled
+            rest[i] = float(np.delete(p, i).sum())
         ratio = p / rest
         if (ratio > MAX_WEIGHT_RATIO).any():
             i = int(np.argmax(ratio))
@@ -145,7 +146,7 @@ def _overflow(x: np.ndarray, dtype: Any) -> bool:
 
 
 def plan_round(index: ArchiveIndex, round: Any, updates: Any,
-               weights: Mapping[Any, float] | None, w_before: np.ndarray | None) -> RoundPlan:
+               weights: Mapping[Any, float] | None, w_before: np.ndarray) -> RoundPlan:
     """Validate a round and compute everything it stores (nothing is written)."""
     settings, layout, pol = index.settings, index.layout, index.policy
     t = parse_round(round)
@@ -155,8 +156,9 @@ def plan_round(index: ArchiveIndex, round: Any, updates: Any,
                          "must be recorded in increasing order")
     users, vecs = _parse_updates(layout, updates)
     p = _parse_weights(users, weights)
-    new = [u for u in users if u not in index._col]
-    col_of = {u: index._col.get(u, len(index.users) + new.index(u) if u in new else -1)
+    known = {u: index.find(u) for u in users}
+    new = [u for u in users if known[u] is None]
+    col_of = {u: len(index.users) + new.index(u) if known[u] is None else known[u]
               for u in users}
     order = np.argsort([col_of[u] for u in users], kind="stable")
     users = [users[i] for i in order]
@@ -168,8 +170,7 @@ def plan_round(index: ArchiveIndex, round: Any, updates: Any,
     hbar = np.zeros(layout.size, dtype=np.float64)
     for pu, h in zip(p, vecs, strict=True):
         hbar += (pu / P) * h.astype(np.float64)  # a float32 product would round first
-    if _overflow(hbar, np.float32):
-        raise ValueError("the round's aggregate overflows float32")
+    # hbar is a convex combination of float32 updates: it cannot overflow float32.
     dvecs = []
     for u, h in zip(users, vecs, strict=True):
         d = h.astype(np.float64) - hbar
