@@ -22,7 +22,13 @@ from medustore.errors import NotAnArchiveError, ReadOnlyError
 from medustore.index import ArchiveIndex, Settings, UserId, parse_round
 from medustore.layout import ModelLayout, OutputKind
 from medustore.policy import MeduPolicy, parse_policy
-from medustore.writer import RoundSummary, create_arrays, plan_round, write_round
+from medustore.writer import (
+    RoundSummary,
+    create_arrays,
+    local_updates,
+    plan_round,
+    write_round,
+)
 
 __all__ = ["FORMAT_VERSION", "RoundSummary", "UpdateStore", "UserId", "open_store"]
 
@@ -277,8 +283,9 @@ class UpdateStore:
     def record_round(
         self,
         round: int,
-        updates: Mapping[Any, Any] | Iterable[tuple[Any, Any]],
+        updates: Mapping[Any, Any] | Iterable[tuple[Any, Any]] | None = None,
         *,
+        models: Mapping[Any, Any] | None = None,
         weights: Mapping[Any, float] | None = None,
         global_before: Any = None,
     ) -> RoundSummary:
@@ -294,6 +301,9 @@ class UpdateStore:
             Round number, above every committed one (rounds may be skipped).
         updates
             ``{user: update}`` or ``(user, update)`` pairs; updates in the model's layout.
+        models
+            Instead of ``updates``: ``{user: local model}`` (modules, state_dicts or arrays
+            after local training); the store subtracts the global model ``w_t`` itself.
         weights
             Aggregation weights ``p_u`` (finite, > 0); default 1 for every user.
         global_before
@@ -311,6 +321,11 @@ class UpdateStore:
             self._latest = self.reader.model()
         w_before = (self._latest.astype(np.float64) if global_before is None else
                     self.layout.flatten(global_before, "global_before", dtype=np.float64))
+        if (updates is None) == (models is None):
+            raise TypeError("record_round takes either updates= (w_local - w_global) or "
+                            "models= (the local models), not both or neither")
+        if models is not None:
+            updates = local_updates(self.layout, models, w_before)
         plan = plan_round(self._index, round, updates, weights, w_before)
         with self._repo.transaction(parent=self._index.snapshot, round=plan.round,
                                     message=f"round {plan.round}") as (group, done):

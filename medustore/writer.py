@@ -72,7 +72,8 @@ MAX_WEIGHT_RATIO = float(2**24)
 
 def _parse_updates(layout: ModelLayout, updates: Any) -> tuple[list[Any], list[np.ndarray]]:
     if _is_module(updates):
-        raise TypeError("updates must map users to updates; got a torch module")
+        raise TypeError("updates must map users to updates, got a torch module; local models "
+                        "go in record_round(t, models={user: model})")
     pairs = updates.items() if isinstance(updates, Mapping) else updates
     if not isinstance(pairs, Iterable):
         raise TypeError("updates must be a mapping or (user, update) pairs")
@@ -84,8 +85,9 @@ def _parse_updates(layout: ModelLayout, updates: Any) -> tuple[list[Any], list[n
             raise TypeError("updates must be a mapping or (user, update) pairs") from None
         u = parse_user(user)
         if _is_module(update):
-            raise TypeError(f"update of user {u!r} is a torch module; pass the update "
-                            "w_local - w_global (a state_dict or tensors), not the model")
+            raise TypeError(f"update of user {u!r} is a torch module, not an update: pass "
+                            "local models as record_round(t, models={user: model}) (the "
+                            "store subtracts the global model), or updates w_local - w_global")
         if u in seen:
             raise ValueError(f"user {u!r} appears twice in this round")
         seen.add(u)
@@ -94,6 +96,19 @@ def _parse_updates(layout: ModelLayout, updates: Any) -> tuple[list[Any], list[n
     if not users:
         raise ValueError("a round needs at least one user's update")
     return users, vecs
+
+
+def local_updates(layout: ModelLayout, models: Mapping[Any, Any],
+                  w_before: np.ndarray) -> dict[Any, np.ndarray]:
+    """``{user: w_local - w_global}`` from local models (modules, state_dicts or arrays)."""
+    if not isinstance(models, Mapping):
+        raise TypeError("models must map users to their local models")
+    out = {}
+    for user, model in models.items():
+        u = parse_user(user)
+        local = layout.flatten(model, f"local model of user {u!r}", dtype=np.float64)
+        out[u] = local - w_before  # in float64: the difference of close float32 values
+    return out
 
 
 def _is_module(obj: Any) -> bool:
