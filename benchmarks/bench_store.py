@@ -3,11 +3,17 @@
 
 One synthetic federated run (``--rounds`` rounds, ``--users`` users, ``--per-round`` of them
 drawn at random each round with a seeded RNG, ``--params`` parameters) is recorded at once
-into one archive per policy and, the way peer implementations keep history, as one
+into one archive per policy (format 2: an Icechunk repository per archive, one commit per
+round, default `Retention`) and, the way peer implementations keep history, as one
 ``torch.save`` file per (round, user). Then:
 
-1. **Size**: bytes each archive and the peers' folder occupy, and bits per stored parameter
-   and per participation-parameter (every participant of every round, times the model size).
+1. **Size**: bytes each archive and the peers' folder occupy on disk, and bits per stored
+   parameter and per participation-parameter (every participant of every round, times the
+   model size). A format-2 archive is measured three times: right after its last commit
+   (writer open), after its writer closed (close compacts with the default retention, which
+   keeps versions replaced in the last minute for readers), and after ``compact(grace=0)``
+   on a writer opened again (no version kept for readers: the steady-state size, the one
+   the bits are computed from).
 2. **Unlearning one user** (the malicious one): wall time, CPU time and peak RSS above the
    post-import baseline, each case in a fresh subprocess, for every archive, for the exact
    accumulators, and for the peers' full replay (load every saved file, FedAvg without the
@@ -22,12 +28,22 @@ run, a persistent per-user heterogeneity (non-IID data), per-layer scales spanni
 orders of magnitude, heavy-tailed coordinates (a log-normal per-coordinate sensitivity), and
 one malicious user whose deviation from the others is five times larger.
 
+With ``--format1 CHECKOUT`` (a checkout of the last format-1 version of medustore) the same
+synthetic run (same seed, sizes and policies) also goes through format 1: that checkout's own
+``benchmarks/bench_store.py`` runs in a subprocess whose ``PYTHONPATH`` puts the checkout
+first (so ``import medustore`` is the old package; checked in a child before it starts),
+after the format-2 measurements, with ``--no-peers``; its JSON is merged into this report
+(``format1`` in the JSON) as format-2-vs-format-1 tables; its own report is written beside
+``--markdown`` (``NAME.format1.md``).
+
 Everything is written under ``--out`` (default /tmp/medustore-bench) and deleted at the
-end unless ``--keep``. ``--quick`` is a smoke test that runs in well under a minute.
+end unless ``--keep``. ``--quick`` is a smoke test that runs in well under a minute (about
+two with ``--format1``).
 
     python benchmarks/bench_store.py                 # default sizes (see --help)
     python benchmarks/bench_store.py --quick
     python benchmarks/bench_store.py --rounds 40 --markdown results.md --json results.json
+    python benchmarks/bench_store.py --quick --format1 ../medustore-format1
 """
 
 from __future__ import annotations
@@ -56,6 +72,12 @@ QUICK = {"params": 50_000, "rounds": 8, "users": 12, "per_round": 4,
          "scale_users": 48, "repeats": 1}
 MALICIOUS = 0  # user id of the malicious user, the one unlearned
 SEED = 20250505
+SUFFIX = ".icechunk"  # archive directories (Icechunk repositories)
+
+
+def archive(root: Path, name: str) -> Path:
+    """Path of the archive of policy ``name`` under ``root``."""
+    return root / f"{name}{SUFFIX}"
 
 # ---------------------------------------------------------------------------- synthetic run
 
@@ -185,6 +207,15 @@ def disk_bytes(path: Path) -> tuple[int, int]:
     return apparent, allocated
 
 
+def disk_parts(path: Path) -> dict[str, int]:
+    """Apparent bytes of each top-level entry of a repository directory (Icechunk: chunks,
+    manifests, snapshots, transactions, refs, config)."""
+    out = {}
+    for child in sorted(path.iterdir()):
+        out[child.name] = disk_bytes(child)[0] if child.is_dir() else child.stat().st_size
+    return out
+
+
 def _status_bytes(field: str) -> int | None:
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -247,6 +278,10 @@ def machine() -> dict[str, str]:
     except Exception:  # noqa: BLE001 - informational only
         pass
     with contextlib.suppress(ImportError):
+        import icechunk
+
+        info["icechunk"] = icechunk.__version__
+    with contextlib.suppress(ImportError):
         import torch
 
         info["torch"] = torch.__version__
@@ -268,6 +303,10 @@ def fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def opt_bytes(d: dict[str, Any], key: str) -> str:
+    return fmt_bytes(d[key]) if key in d else "-"
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
@@ -282,7 +321,12 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------- recording
 
 def record_run(run: Run, root: Path, names: list[str], peers: bool) -> dict[str, Any]:
-    """Record the whole run into one archive per policy (and the peers' folder)."""
+    """Record the whole run into one archive per policy (and the peers' folder).
+
+    Every writer keeps the default `Retention` (it compacts every ``every`` rounds, inside
+    ``record_round``, and when it closes). After the last round each archive is measured on
+    disk with its writer still open, after ``close``, and after ``compact(grace=0)`` on a
+    writer opened again (the benchmark is the archives' only user; see `finalize`)."""
     import torch
 
     import medustore
@@ -292,8 +336,8 @@ def record_run(run: Run, root: Path, names: list[str], peers: bool) -> dict[str,
     stores = {}
     for name in names:
         pol, acc = pols[name]
-        stores[name] = medustore.open(root / f"{name}.zarr", "w", model=template, policy=pol,
-                                      accumulators=acc)
+        stores[name] = medustore.open(archive(root, name), "w", model=template, policy=pol,
+                                      accumulators=acc, retention=medustore.Retention())
     peer_dir = root / "peers"
     if peers:
         peer_dir.mkdir(parents=True, exist_ok=True)
@@ -326,29 +370,63 @@ def record_run(run: Run, root: Path, names: list[str], peers: bool) -> dict[str,
         if t % max(1, run.rounds // 10) == 0:
             log(f"round {t + 1}/{run.rounds} recorded "
                 f"({', '.join(f'{n} {wall[n][-1]:.2f}s' for n in stores)})")
-    for store in stores.values():
-        store.close()
+    final = {name: finalize(store, archive(root, name)) for name, store in stores.items()}
     _LATEST[id(run)] = latest
-    return {"wall": wall, "cpu": cpu, "generate_s": gen}
+    return {"wall": wall, "cpu": cpu, "generate_s": gen, "final": final}
+
+
+def finalize(store: Any, path: Path) -> dict[str, Any]:
+    """Close a writer that has just committed its last round; bytes on disk at each step.
+
+    ``at_commit``: writer open, no compaction since the last periodic one; ``closed``: after
+    ``close()`` (compaction with the default retention: versions replaced within its grace,
+    60 s, are kept for readers); ``compacted``: after ``compact(grace=0)`` on a writer opened
+    again with ``Retention(every=0)`` (only the latest version kept, nothing held for
+    readers): the steady-state size.
+    """
+    import medustore
+
+    out: dict[str, Any] = {"at_commit": disk_bytes(path)[0], "versions_at_commit":
+                           len(store.versions())}
+    t0 = time.perf_counter()
+    store.close()
+    out["close_s"] = time.perf_counter() - t0
+    out["closed"] = disk_bytes(path)[0]
+    with medustore.open(path, "r+", retention=medustore.Retention(every=0)) as w:
+        out["versions_closed"] = len(w.versions())
+        t0 = time.perf_counter()
+        w.compact(grace=0)
+        out["compact_s"] = time.perf_counter() - t0
+        out["versions_compacted"] = len(w.versions())
+    out["compacted"] = disk_bytes(path)[0]
+    out["parts"] = disk_parts(path)
+    return out
 
 
 # ---------------------------------------------------------------------------- sizes
 
-def sizes(run: Run, root: Path, names: list[str]) -> list[dict[str, Any]]:
+def sizes(run: Run, root: Path, names: list[str],
+          final: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sizes after `finalize` (``bytes``: `nbytes_stored`, bytes on disk of the compacted
+    archive; ``logical``: bytes of the latest version's objects as Zarr keys)."""
     import medustore
 
     m, n_part = run.params, run.participations
     out = []
     for name in names:
-        path = root / f"{name}.zarr"
+        path = archive(root, name)
         with medustore.open(path) as s:
-            stored = int(s.side("stored").sum())
-            records = int(s.side("nbytes").sum())
+            idx = s.index
+            stored = int((idx.entry_record >= 0).sum())
+            records = int(idx.entry_nbytes.sum())
             total = s.nbytes_stored()
+            logical = s.reader.nbytes_stored()
+            acc = s.reader.arrays.get("acc")
+            acc_bytes = 0 if acc is None else int(acc.nbytes_stored())
         apparent, allocated = disk_bytes(path)
-        acc_bytes = disk_bytes(path / "acc")[0] if (path / "acc").exists() else 0
         out.append({"name": name, "bytes": total, "apparent": apparent,
-                    "allocated": allocated, "records_bytes": records, "acc_bytes": acc_bytes,
+                    "allocated": allocated, "logical": logical, **final.get(name, {}),
+                    "records_bytes": records, "acc_bytes": acc_bytes,
                     "stored_records": stored, "participations": n_part,
                     "bits_per_stored_param": 8 * total / (stored * m) if stored else math.nan,
                     "record_bits_per_stored_param": 8 * records / (stored * m) if stored
@@ -592,15 +670,20 @@ class _Phases:
 
 def profile_round(run: Run, root: Path, names: list[str], rounds: int = 3) -> list[dict]:
     """Where one round's ``record_round`` time goes, per policy (mean over ``rounds``
-    rounds recorded after two warm-up rounds, on fresh archives)."""
+    rounds recorded after two warm-up rounds, on fresh archives; no periodic compaction
+    falls in them: it is timed apart, as ``compact_s``, on the profiled archive)."""
+    import icechunk
     import zarr
     import zarr.core.array as zarray
 
     import medustore
+    import medustore.writer as mwriter
+    from medustore.archive.reader import ArchiveReader
+    from medustore.archive.repository import Repository
     from medustore.codecs import zarr3
+    from medustore.index import ArchiveIndex
     from medustore.layout import ModelLayout
     from medustore.policy import MeduPolicy
-    from medustore.store import UpdateStore
 
     pols = policies()
     data = [run.updates(t) for t in range(2 + rounds)]
@@ -608,9 +691,9 @@ def profile_round(run: Run, root: Path, names: list[str], rounds: int = 3) -> li
     out = []
     for name in names:
         pol, acc = pols[name]
-        path = root / f"profile-{name}.zarr"
+        path = archive(root, f"profile-{name}")
         store = medustore.open(path, "w", model=run.state_dict(run.w0), policy=pol,
-                               accumulators=acc)
+                               accumulators=acc, retention=medustore.Retention(every=0))
         for t in range(2):
             store.record_round(t, sds[t], weights={u: run.weights[u] for u in sds[t]})
         ph = _Phases()
@@ -618,17 +701,29 @@ def profile_round(run: Run, root: Path, names: list[str], rounds: int = 3) -> li
         def arr_label(kind: str) -> Any:
             def label(a: tuple) -> str:
                 arr_name = a[0].basename if isinstance(a[0], zarr.Array) else "?"
-                group = {"updates": "records", "aggregate": "aggregate", "model": "model",
-                         "initial": "model", "acc": "accumulators",
-                         "acc_row": "accumulators"}.get(arr_name, "side arrays")
+                group = {"records": "records", "aggregate": "aggregate", "model": "model",
+                         "initial": "model", "acc": "accumulators"}.get(arr_name,
+                                                                       "index tables")
                 return f"zarr {kind}: {group}"
             return label
 
         ph.wrap(ModelLayout, "flatten", "flatten updates")
         for meth in ("select", "expected_error", "expected_aggregate_error"):
             ph.wrap(MeduPolicy, meth, "policy (select, expected error)")
-        ph.wrap(UpdateStore, "_chunk_bytes", "record sizes (store getsize)")
-        ph.wrap(UpdateStore, "_update_accumulators", "exact accumulators (read + write)")
+        # writer.sync only runs the record-size look-ups (async getsize of every chunk).
+        ph.wrap(mwriter, "sync", "record sizes (store getsize)")
+        # record_round reopens the version it just committed before its next read (the
+        # accumulator rows it adds to; w_t is cached).
+        ph.wrap(Repository, "snapshot", "open committed version (snapshot, array metadata)")
+        ph.wrap(ArchiveReader, "__init__", "open committed version (snapshot, array metadata)")
+        ph.wrap(ArchiveReader, "accumulator", "zarr read: accumulators")
+        ph.wrap(icechunk.Repository, "writable_session", "icechunk: writable session")
+        ph.wrap(zarr.Group, "__getitem__", "zarr: open arrays in the session (metadata)")
+        ph.wrap(zarray.Array, "resize", "zarr: resize (array metadata)")
+        ph.wrap(mwriter, "write_meta", "index attribute (counts, digest)")
+        ph.wrap(ArchiveIndex, "from_tables", "new in-memory index")
+        ph.wrap(icechunk.Session, "commit", "icechunk: commit")
+        ph.wrap(Repository, "compact", "compaction")
         for meth in ("set_basic_selection", "set_orthogonal_selection"):
             ph.wrap(zarray.Array, meth, arr_label("write"))
         for meth in ("get_basic_selection", "get_orthogonal_selection"):
@@ -644,6 +739,14 @@ def profile_round(run: Run, root: Path, names: list[str], rounds: int = 3) -> li
                 cpu += time.process_time() - c0
         finally:
             ph.restore()
+        # What one periodic compaction costs here (default grace: the versions just
+        # replaced are kept, as they are during recording), then with grace 0.
+        t0 = time.perf_counter()
+        store.compact()  # Retention(every=0) keeps the default grace
+        compact_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.compact(grace=0)
+        compact0_s = time.perf_counter() - t0
         store.close()
         # Reference: the same records and aggregate encoded serially in this thread.
         serial = serial_encode_s(pol, data[2:], run)
@@ -657,7 +760,8 @@ def profile_round(run: Run, root: Path, names: list[str], rounds: int = 3) -> li
                     "unlabelled_s": total / rounds - sum(phases.values()),
                     "unlabelled_cpu_s": cpu / rounds - sum(phases_cpu.values()),
                     "inline_math_s": inline, "encode_thread_cpu_s": ph.encode_s / rounds,
-                    "encodes": ph.encodes / rounds, "serial_encode_s": serial})
+                    "encodes": ph.encodes / rounds, "serial_encode_s": serial,
+                    "compact_s": compact_s, "compact_grace0_s": compact0_s})
         log(f"profiled {name}: {total / rounds:.3f} s/round")
     return out
 
@@ -715,9 +819,10 @@ def replay_profile(run: Run, root: Path, name: str, user: int) -> dict[str, floa
     """In-process: unlearning ``user`` vs reading and decoding its records one by one."""
     import medustore
 
-    with medustore.open(root / f"{name}.zarr") as s:
+    with medustore.open(archive(root, name)) as s:
+        idx, col = s.index, s.index.column(user)
         rounds = [t for t in s.participation(user)
-                  if s.side("stored")[s.rounds.index(t), s.users.index(user)]]
+                  if idx.entry_record[idx.entry(idx.row(t), col)] >= 0]
         best_u = best_r = math.inf
         for _ in range(2):
             t0 = time.perf_counter()
@@ -740,8 +845,9 @@ def report(res: dict[str, Any]) -> str:
     parts.append(f"Command: `{res['command']}`  \n"
                  f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory']}; Python "
                  f"{mach['python']}, numpy {mach['numpy']}, zarr {mach['zarr']}, numcodecs "
-                 f"{mach['numcodecs']}, pcodec {mach.get('pcodec', '?')}, torch "
-                 f"{mach.get('torch', '-')}; medustore {mach['medustore']}.  \n"
+                 f"{mach['numcodecs']}, pcodec {mach.get('pcodec', '?')}, icechunk "
+                 f"{mach.get('icechunk', '-')}, torch {mach.get('torch', '-')}; medustore "
+                 f"{mach['medustore']}.  \n"
                  f"Run: {cfg['rounds']} rounds, {cfg['users']} users, {cfg['per_round']} per "
                  f"round, m = {m:,} parameters, {res['participations']} participations; "
                  f"the malicious user (unlearned) took part in {res['focus_participations']} "
@@ -755,19 +861,42 @@ def report(res: dict[str, Any]) -> str:
     for s in res["sizes"]:
         ratio = f"{peer['bytes'] / s['bytes']:.1f}x" if peer else "-"
         rec = s["record_bits_per_stored_param"]
-        rows.append([s["name"], fmt_bytes(s["bytes"]), fmt_bytes(s["allocated"]),
+        rows.append([s["name"], fmt_bytes(s["bytes"]), opt_bytes(s, "at_commit"),
+                     opt_bytes(s, "closed"), opt_bytes(s, "logical"), fmt_bytes(s["allocated"]),
                      f"{s['stored_records']}/{s['participations']}",
                      "-" if math.isnan(rec) else f"{rec:.3f}",
                      f"{s['bits_per_stored_param']:.3f}",
                      f"{s['bits_per_participation_param']:.3f}", ratio])
-    parts.append("#### Size on disk\n\n" + table(
-        ["archive", "bytes (all keys)", "allocated on disk", "records stored",
-         "record bits / stored param", "bits / stored param", "bits / participation-param",
-         "smaller than peers"], rows))
+    parts.append("#### Size on disk\n\n"
+                 "Format-2 archives (Icechunk repositories): *on disk* is the sum of the "
+                 "file sizes under the archive's directory (`nbytes_stored()`) after "
+                 "`compact(grace=0)` (only the latest version, nothing kept for readers: the "
+                 "steady-state size, the one the bits are computed from); *at last commit*: "
+                 "writer still open, versions since the last periodic compaction (every "
+                 "16 rounds) still on disk; *after close*: `close()` compacted with the "
+                 "default retention, which keeps versions replaced in the last 60 s for "
+                 "readers; *latest version*: the bytes of that version's objects as Zarr keys "
+                 "(`store.reader.nbytes_stored()`, no Icechunk manifests or snapshots)."
+                 "\n\n" + table(
+                     ["archive", "on disk (compacted)", "at last commit", "after close",
+                      "latest version (Zarr keys)", "allocated on disk", "records stored",
+                      "record bits / stored param", "bits / stored param",
+                      "bits / participation-param", "smaller than peers"], rows))
     acc = next((s for s in res["sizes"] if s["acc_bytes"]), None)
     if acc:
         parts.append(f"Of `{acc['name']}`, the exact accumulators take "
-                     f"{fmt_bytes(acc['acc_bytes'])} (float64, two slots per user).")
+                     f"{fmt_bytes(acc['acc_bytes'])} (float64, one row per user).")
+    with_parts = [s for s in res["sizes"] if s.get("parts")]
+    if with_parts:
+        keys = sorted({k for s in with_parts for k in s["parts"]})
+        rows = [[s["name"], *[fmt_bytes(s["parts"].get(k, 0)) for k in keys],
+                 f"{s['versions_at_commit']} / {s['versions_closed']} / "
+                 f"{s['versions_compacted']}", f"{s['close_s']:.2f}",
+                 f"{s['compact_s']:.2f}"] for s in with_parts]
+        parts.append("Where a compacted format-2 archive's bytes lie (top-level entries of the "
+                     "repository), versions kept (at last commit / after close / compacted) "
+                     "and the time `close()` and `compact(grace=0)` took:\n\n" + table(
+                         ["archive", *keys, "versions kept", "close s", "compact s"], rows))
     # unlearning
     rows = []
     for r in res["unlearn"]:
@@ -810,45 +939,159 @@ def report(res: dict[str, Any]) -> str:
     for name, walls in res["append"]["wall"].items():
         if not walls:
             continue
-        w = walls[1:] or walls
-        c = (res["append"]["cpu"][name][1:] or res["append"]["cpu"][name])
-        med = statistics.median(w)
-        rows.append([name, f"{med:.3f}", f"{min(w):.3f}", f"{statistics.median(c):.3f}",
-                     f"{raw / med / 1e6:.0f}"])
+        st = append_stats(res["append"], name)
+        rows.append([name, f"{st['median_s']:.3f}", f"{st['best_s']:.3f}",
+                     f"{st['mean_s']:.3f}", f"{st['max_s']:.3f}", f"{st['cpu_s']:.3f}",
+                     f"{raw / st['median_s'] / 1e6:.0f}"])
     parts.append(f"#### Append throughput ({cfg['per_round']} users x {m:,} parameters per "
-                 "round; round 0 excluded)\n\n" + table(
-                     ["archive", "median s / round", "best s / round", "CPU s / round",
-                      "MB/s of float32 input"], rows))
+                 "round; round 0 excluded; the mean and the worst round include the periodic "
+                 "compactions every 16 rounds)\n\n" + table(
+                     ["archive", "median s / round", "best s / round", "mean s / round",
+                      "worst s / round", "CPU s / round (median)", "MB/s of float32 input"],
+                     rows))
     # profile
     if res.get("profile"):
-        labels: list[str] = []
-        for p in res["profile"]:
-            for k in p["phases"]:
-                if k not in labels:
-                    labels.append(k)
-        labels.sort()
-        names = [p["name"] for p in res["profile"]]
-        rows = []
-        for lab in labels:
-            rows.append([lab] + [f"{p['phases'].get(lab, 0.0):.3f} / "
-                                 f"{p['phases_cpu'].get(lab, 0.0):.3f}"
-                                 for p in res["profile"]])
-        rows.append(["aggregate, differentials, norms, rest (not wrapped)"] +
-                    [f"{p['unlabelled_s']:.3f} / {p['unlabelled_cpu_s']:.3f}"
-                     for p in res["profile"]])
-        rows.append(["**record_round**"] + [f"**{p['total_s']:.3f} / {p['cpu_s']:.3f}**"
-                                            for p in res["profile"]])
-        rows.append(["codec encode inside the zarr writes (CPU, worker threads)"] +
-                    [f"{p['encode_thread_cpu_s']:.3f}" for p in res["profile"]])
-        rows.append(["same records + aggregate encoded serially (CPU)"] +
-                    ["-" if p["serial_encode_s"] is None else f"{p['serial_encode_s']:.3f}"
-                     for p in res["profile"]])
-        rows.append(["aggregate + differentials + norms alone (CPU)"] +
-                    [f"{p['inline_math_s']:.3f}" for p in res["profile"]])
         parts.append("#### Where one round's time goes (wall / CPU seconds per round, mean of "
                      f"{res['profile'][0]['rounds']} rounds; CPU counts every thread)"
-                     "\n\n" + table(["phase", *names], rows))
+                     "\n\n" + profile_table(res["profile"]))
+    if res.get("format1"):
+        parts.append(compare_report(res))
     return "\n\n".join(parts) + "\n"
+
+
+def append_stats(append: dict[str, Any], name: str) -> dict[str, float]:
+    """Per-round ``record_round`` statistics of one archive (round 0 excluded)."""
+    w = append["wall"][name][1:] or append["wall"][name]
+    c = append["cpu"][name][1:] or append["cpu"][name]
+    return {"median_s": statistics.median(w), "best_s": min(w), "mean_s": statistics.mean(w),
+            "max_s": max(w), "cpu_s": statistics.median(c), "cpu_mean_s": statistics.mean(c)}
+
+
+def profile_table(profile: list[dict[str, Any]]) -> str:
+    labels = sorted({k for p in profile for k in p["phases"]})
+    names = [p["name"] for p in profile]
+    rows = []
+    for lab in labels:
+        rows.append([lab] + [f"{p['phases'].get(lab, 0.0):.3f} / "
+                             f"{p['phases_cpu'].get(lab, 0.0):.3f}" for p in profile])
+    rows.append(["aggregate, differentials, norms, rest (not wrapped)"] +
+                [f"{p['unlabelled_s']:.3f} / {p['unlabelled_cpu_s']:.3f}" for p in profile])
+    rows.append(["**record_round**"] + [f"**{p['total_s']:.3f} / {p['cpu_s']:.3f}**"
+                                        for p in profile])
+    rows.append(["codec encode inside the zarr writes (CPU, worker threads)"] +
+                [f"{p['encode_thread_cpu_s']:.3f}" for p in profile])
+    rows.append(["same records + aggregate encoded serially (CPU)"] +
+                ["-" if p["serial_encode_s"] is None else f"{p['serial_encode_s']:.3f}"
+                 for p in profile])
+    rows.append(["aggregate + differentials + norms alone (CPU)"] +
+                [f"{p['inline_math_s']:.3f}" for p in profile])
+    if any("compact_s" in p for p in profile):
+        rows.append(["one compaction after these rounds (wall; default grace / grace 0)"] +
+                    [f"{p['compact_s']:.3f} / {p['compact_grace0_s']:.3f}" if "compact_s" in p
+                     else "-" for p in profile])
+    return table(["phase", *names], rows)
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return "-"
+    return f"{a / b:.{digits}f}"
+
+
+def compare_report(res: dict[str, Any]) -> str:
+    """Format 2 (this run) next to format 1 (the old checkout's run of the same sizes)."""
+    f1 = res["format1"]
+    r1 = f1["results"]
+    m1 = r1["machine"]
+    parts = [f"### Format 2 vs format 1\n\n"
+             f"Format 1: `{f1['command']}` (cwd `{f1['cwd']}`, PYTHONPATH "
+             f"`{f1['pythonpath']}`; the child imported medustore from "
+             f"`{f1['medustore_file']}`: medustore {m1['medustore']}, zarr {m1['zarr']}). "
+             f"Same seed, sizes and policies (`--no-peers`: its speed-ups are against "
+             f"`full`). It ran after the format-2 run, in {r1['total_s'] / 60:.1f} min; "
+             f"load average at its start {r1['load_start']}, at its end {r1['load_end']} "
+             f"(format 2: {res['load_start']} / {f1['load_before']}). "
+             "Ratios are format 2 / format 1 (below 1: format 2 smaller or faster)."]
+    s1 = {s["name"]: s for s in r1["sizes"]}
+    rows = []
+    for s in res["sizes"]:
+        o = s1.get(s["name"])
+        if o is None or "compacted" not in s:
+            continue
+        rows.append([s["name"], fmt_bytes(o["apparent"]), fmt_bytes(s["compacted"]),
+                     _ratio(s["compacted"], o["apparent"], 3), fmt_bytes(s["closed"]),
+                     _ratio(s["closed"], o["apparent"], 3), fmt_bytes(s["at_commit"]),
+                     _ratio(s["at_commit"], o["apparent"], 3),
+                     f"{8 * o['apparent'] / (o['participations'] * r1['config']['params']):.3f}"
+                     f" / {s['bits_per_participation_param']:.3f}"])
+    parts.append("#### Size on disk, format 2 vs 1 (sum of file sizes under the archive "
+                 "directory)\n\n" + table(
+                     ["archive", "format 1", "format 2 compacted (grace 0)", "2/1",
+                      "format 2 after close (default retention)", "2/1",
+                      "format 2 at last commit", "2/1", "bits / participation-param 1 / 2"],
+                     rows))
+    rows = []
+    for name in res["append"]["wall"]:
+        if not res["append"]["wall"][name] or not r1["append"]["wall"].get(name):
+            continue
+        a2, a1 = append_stats(res["append"], name), append_stats(r1["append"], name)
+        rows.append([name, f"{a1['median_s']:.3f}", f"{a2['median_s']:.3f}",
+                     _ratio(a2["median_s"], a1["median_s"]), f"{a1['cpu_s']:.3f}",
+                     f"{a2['cpu_s']:.3f}", _ratio(a2["cpu_s"], a1["cpu_s"]),
+                     f"{a1['mean_s']:.3f}", f"{a2['mean_s']:.3f}",
+                     _ratio(a2["mean_s"], a1["mean_s"])])
+    parts.append("#### Append, format 2 vs 1 (`record_round` seconds per round, round 0 "
+                 "excluded; format 2's mean includes its periodic compactions)\n\n" + table(
+                     ["archive", "wall median 1", "wall median 2", "2/1", "CPU median 1",
+                      "CPU median 2", "2/1", "wall mean 1", "wall mean 2", "2/1"], rows))
+    u1 = {r["label"]: r for r in r1["unlearn"]}
+    rows = []
+    for r in res["unlearn"]:
+        o = u1.get(r["label"])
+        if o is None:
+            continue
+        rows.append([r["label"], f"{o['records']} / {r['records']}", f"{o['wall_s']:.3f}",
+                     f"{r['wall_s']:.3f}", _ratio(r["wall_s"], o["wall_s"]),
+                     f"{o['cpu_s']:.3f}", f"{r['cpu_s']:.3f}", _ratio(r["cpu_s"], o["cpu_s"]),
+                     f"{o['cold_wall_s']:.3f}", f"{r['cold_wall_s']:.3f}",
+                     _ratio(r["cold_wall_s"], o["cold_wall_s"]),
+                     f"{o['rss_delta'] / 2**20:.0f} / {r['rss_delta'] / 2**20:.0f}",
+                     f"{o.get('err_rel', math.nan):.1e} / {r.get('err_rel', math.nan):.1e}"])
+    parts.append(f"#### Unlearning user {MALICIOUS}, format 2 vs 1 (fresh process per case, "
+                 f"best of {res['config']['repeats']}; cold: the archive's files evicted from "
+                 "the page cache first)\n\n" + table(
+                     ["case", "records read 1 / 2", "warm wall 1", "warm wall 2", "2/1",
+                      "warm CPU 1", "warm CPU 2", "2/1", "cold wall 1", "cold wall 2", "2/1",
+                      "peak RSS above baseline MiB 1 / 2",
+                      "L2 error / L2 correction 1 / 2 (vs each format's reference)"], rows))
+    for key, title in (("by_participation", "Unlearning time against participations"),
+                       ("scale", "Same user, more users")):
+        b1 = {(r["label"], r.get("users")): r for r in r1.get(key) or []}
+        rows = []
+        for r in res.get(key) or []:
+            o = b1.get((r["label"], r.get("users")))
+            if o is None:
+                continue
+            rows.append([r["label"] + (f" ({r['users']} users)" if "users" in r else ""),
+                         f"{o['wall_s']:.3f}", f"{r['wall_s']:.3f}",
+                         _ratio(r["wall_s"], o["wall_s"]), f"{o['cpu_s']:.3f}",
+                         f"{r['cpu_s']:.3f}", _ratio(r["cpu_s"], o["cpu_s"])])
+        if rows:
+            parts.append(f"#### {title}, format 2 vs 1 (warm, best of "
+                         f"{res['config']['repeats']})\n\n" + table(
+                             ["case", "wall 1", "wall 2", "2/1", "CPU 1", "CPU 2", "2/1"],
+                             rows))
+    if r1.get("profile") and res.get("profile"):
+        p1 = {p["name"]: p for p in r1["profile"]}
+        rows = [[p["name"], f"{p1[p['name']]['total_s']:.3f} / {p1[p['name']]['cpu_s']:.3f}",
+                 f"{p['total_s']:.3f} / {p['cpu_s']:.3f}",
+                 _ratio(p["total_s"], p1[p["name"]]["total_s"])]
+                for p in res["profile"] if p["name"] in p1]
+        parts.append("#### Profiled rounds, format 2 vs 1 (wall / CPU s per round)\n\n" +
+                     table(["archive", "format 1", "format 2", "wall 2/1"], rows))
+        parts.append("Format 1's per-round profile (its own labels):\n\n" +
+                     profile_table(r1["profile"]))
+    return "\n\n".join(parts)
 
 
 # ---------------------------------------------------------------------------- main
@@ -877,6 +1120,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the archives afterwards")
     p.add_argument("--json", type=Path, help="write the raw results here")
     p.add_argument("--markdown", type=Path, help="write the result tables here")
+    p.add_argument("--format1", type=Path, metavar="CHECKOUT",
+                   help="also run the same benchmark through format 1: a checkout of the last "
+                        "format-1 medustore (its benchmarks/bench_store.py runs with the "
+                        "checkout first on PYTHONPATH) and compare")
     a = p.parse_args(argv)
     cfg = dict(QUICK if a.quick else DEFAULTS)
     for k in cfg:
@@ -889,6 +1136,11 @@ def main(argv: list[str] | None = None) -> None:
     load_start = load()
     root = a.out / f"run-{os.getpid()}"
     root.mkdir(parents=True, exist_ok=False)
+    if a.format1 is not None:
+        a.format1 = a.format1.resolve()
+        if not (a.format1 / "benchmarks" / "bench_store.py").is_file():
+            raise SystemExit(f"--format1: no benchmarks/bench_store.py under {a.format1}")
+        check_format1(a.format1)  # before the long run: fail fast
     need = 2.2 * cfg["rounds"] * cfg["per_round"] * cfg["params"] * 4
     free = shutil.disk_usage(a.out).free
     if need > 0.8 * free:
@@ -900,14 +1152,86 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
+    if a.format1 is not None:
+        res["format1"] = run_format1(a.format1, cfg, a)
     res["total_s"] = time.perf_counter() - started
     res["load_end"] = load()
+    if a.json:  # first: a failing report must not lose the measurements
+        a.json.write_text(json.dumps(res, indent=1, default=str))
     text = report(res)
     print(text)
     if a.markdown:
         a.markdown.write_text(text)
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1, default=str))
+        if res.get("format1"):
+            a.markdown.with_suffix(".format1.md").write_text(res["format1"]["markdown"])
+
+
+def _format1_env(src: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def check_format1(src: Path) -> str:
+    """Path of the medustore package a child with the format-1 environment imports (it must
+    be the checkout's: an installed medustore must not shadow it)."""
+    code = ("import json, medustore, zarr; print(json.dumps({'file': medustore.__file__, "
+            "'archive_format': getattr(medustore, 'FORMAT_VERSION', 1)}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=src, env=_format1_env(src),
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"--format1: importing medustore from {src} failed:\n"
+                         f"{proc.stderr[-2000:]}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    file = Path(info["file"]).resolve()
+    if src not in file.parents:
+        raise SystemExit(f"--format1: a child with PYTHONPATH={src} imports medustore from "
+                         f"{file}, not from the checkout")
+    if info["archive_format"] != 1:
+        raise SystemExit(f"--format1: {src} writes format {info['archive_format']}, not 1")
+    return str(file)
+
+
+def run_format1(src: Path, cfg: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    """Run the format-1 checkout's own bench_store.py on the same run; its results."""
+    medustore_file = check_format1(src)
+    out = a.out / f"format1-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "format1.json", out / "format1.md"
+    args = ["--params", str(cfg["params"]), "--rounds", str(cfg["rounds"]),
+            "--users", str(cfg["users"]), "--per-round", str(cfg["per_round"]),
+            "--scale-users", str(cfg["scale_users"]), "--repeats", str(cfg["repeats"]),
+            "--no-peers", "--out", str(out), "--json", str(js), "--markdown", str(md)]
+    if a.quick:
+        args.insert(0, "--quick")  # same sweeps as this run's --quick; sizes given anyway
+    if a.no_profile:
+        args.append("--no-profile")
+    if a.keep:
+        args.append("--keep")
+    load_before = load()
+    log(f"format 1: running {src / 'benchmarks' / 'bench_store.py'} (medustore from "
+        f"{medustore_file})")
+    cmd = [sys.executable, str(src / "benchmarks" / "bench_store.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=src, env=_format1_env(src), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    tail: list[str] = []
+    for line in proc.stderr:
+        print(f"[format 1] {line}", end="", file=sys.stderr, flush=True)
+        tail = [*tail[-40:], line]
+    if proc.wait() != 0:
+        raise RuntimeError(f"the format-1 benchmark failed ({proc.returncode}):\n"
+                           + "".join(tail))
+    try:
+        results = json.loads(js.read_text())
+        text = md.read_text()
+    finally:
+        if not a.keep:
+            shutil.rmtree(out, ignore_errors=True)
+    return {"src": str(src), "cwd": str(src), "pythonpath": _format1_env(src)["PYTHONPATH"],
+            "medustore_file": medustore_file,
+            "command": "python benchmarks/bench_store.py " + " ".join(args),
+            "load_before": load_before, "markdown": text, "results": results}
 
 
 def _bench(cfg: dict, a: argparse.Namespace, root: Path, res: dict[str, Any]) -> None:
@@ -925,7 +1249,7 @@ def _bench(cfg: dict, a: argparse.Namespace, root: Path, res: dict[str, Any]) ->
     log(f"recording {cfg['rounds']} rounds into {', '.join(names)}"
         + (" and the peers' folder" if peers else ""))
     res["append"] = record_run(run, root, names, peers)
-    res["sizes"] = sizes(run, root, names)
+    res["sizes"] = sizes(run, root, names, res["append"].pop("final"))
     log("sizes done")
 
     # Unlearning the malicious user, every archive, fresh process per case.
@@ -938,7 +1262,7 @@ def _bench(cfg: dict, a: argparse.Namespace, root: Path, res: dict[str, Any]) ->
                            ["peers", str(root / "peers"), str(MALICIOUS),
                             "--threads", str(threads)]))
     for name in names:
-        path = str(root / f"{name}.zarr")
+        path = str(archive(root, name))
         if name == "medu+acc":
             cases.append(("medu+acc: exact accumulator",
                           ["store", path, str(MALICIOUS), "--exact-accumulator"]))
@@ -950,7 +1274,7 @@ def _bench(cfg: dict, a: argparse.Namespace, root: Path, res: dict[str, Any]) ->
         name = r["label"].split(":")[0]
         r["bound"] = None
         if name in policies() and "accumulator" not in r["label"] and r.get("removed_norm"):
-            budget = budget_of(root / f"{name}.zarr", MALICIOUS)
+            budget = budget_of(archive(root, name), MALICIOUS)
             r["bound"] = budget["bound_3sigma"] / r["removed_norm"]
     res["unlearn"] = unl
     res["replay_profile"] = {"name": "lattice-4b",
@@ -963,7 +1287,7 @@ def _bench(cfg: dict, a: argparse.Namespace, root: Path, res: dict[str, Any]) ->
     bp = []
     for n, u in picks:
         for name in (("lattice-4b",) if a.quick else ("full", "lattice-4b")):
-            r = run_child(["store", str(root / f"{name}.zarr"), str(u)], int(rep))
+            r = run_child(["store", str(archive(root, name)), str(u)], int(rep))
             r.update(label=f"{name} / user {u}", participations=n)
             bp.append(r)
     res["by_participation"] = bp
@@ -978,7 +1302,7 @@ def _bench(cfg: dict, a: argparse.Namespace, root: Path, res: dict[str, Any]) ->
     small_dir = root / f"users-{run.users}"
     small_dir.mkdir()
     for name in keep:
-        (root / f"{name}.zarr").rename(small_dir / f"{name}.zarr")
+        archive(root, name).rename(archive(small_dir, name))
     for child in root.iterdir():
         if child.is_dir() and child != small_dir:
             shutil.rmtree(child)
@@ -997,7 +1321,7 @@ def _bench(cfg: dict, a: argparse.Namespace, root: Path, res: dict[str, Any]) ->
     for name in keep:
         for acc in ((False, True) if name == "medu+acc" else (False,)):
             for r_, d in ((run, small_dir), (big, big_dir)):
-                args = ["store", str(d / f"{name}.zarr"), str(MALICIOUS)]
+                args = ["store", str(archive(d, name)), str(MALICIOUS)]
                 label = f"{name}: {'exact accumulator' if acc else 'replay'}"
                 cases.append(({"label": label, "users": r_.users},
                               [*args, "--exact-accumulator"] if acc else args))

@@ -59,12 +59,14 @@ class Retention:
         never reads another version's data).
     every
         Compact (expire + garbage-collect) every ``every`` rounds, and when the writer
-        closes; 0 never compacts automatically.
+        closes; 0 never compacts automatically. A compaction took 2-12 ms in bench_store
+        (40 rounds, 1M parameters), while each kept version holds a model copy: the default
+        compacts at every commit.
     """
 
     keep_versions: int = 1
     grace: float = 60.0
-    every: int = 16
+    every: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_versions, bool) or not isinstance(self.keep_versions, int) or \
