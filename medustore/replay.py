@@ -276,7 +276,7 @@ def _progress(progress: bool | None, total: int, desc: str) -> tqdm:
 
 def unlearn(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
             out: OutputKind = "numpy", progress: bool | None = None,
-            exact_accumulator: bool | None = None) -> Any:
+            exact_accumulator: bool | None = None, client: Any = None) -> Any:
     """The model with the contribution of ``users`` removed.
 
     Parameters
@@ -297,6 +297,9 @@ def unlearn(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
     exact_accumulator
         Use the store's exact per-user accumulator (single user, no window, alpha 0).
         Default: whenever it applies.
+    client
+        A ``dask.distributed.Client``: split the replay by model slice across its workers,
+        which open the archive themselves (`medustore.distributed`); the same answer.
 
     Warns
     -----
@@ -304,6 +307,12 @@ def unlearn(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
         When records of the users were not stored; the answer then differs from the exact
         replay by at most `error_budget(...).deterministic` (plus the lattice noise).
     """
+    if client is not None:
+        from medustore import distributed
+
+        return distributed.unlearn(source, users, client=client, rounds=rounds, alpha=alpha,
+                                   out=out, progress=progress,
+                                   exact_accumulator=exact_accumulator)
     return run(source, plan(source, users, rounds=rounds, alpha=alpha,
                             exact_accumulator=exact_accumulator), out=out, progress=progress)
 
@@ -375,12 +384,19 @@ def _correction(reader: ArchiveReader, p: Plan, progress: bool | None) -> np.nda
     return correction
 
 
-def reconstruct(source: Any, round: int, out: OutputKind = "numpy") -> Any:
+def reconstruct(source: Any, round: int, out: OutputKind = "numpy", *,
+                client: Any = None) -> Any:
     """The global model at the start of ``round``: ``w_0`` plus the aggregates before it.
 
     Sums from whichever end (``w_0`` forwards or ``w_T`` backwards) needs fewer aggregates;
-    lossy aggregates make the answer approximate, within their coding error.
+    lossy aggregates make the answer approximate, within their coding error. With a
+    ``dask.distributed.Client`` as ``client``, the sums run by model slice on its workers
+    (`medustore.distributed`), with the same answer.
     """
+    if client is not None:
+        from medustore import distributed
+
+        return distributed.reconstruct(source, round, out, client=client)
     index, reader = source.index, source.reader
     t = parse_round(round)
     if not index.policy.keep_aggregates:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
+from medustore import replay
 from medustore.archive.reader import FORMAT_VERSION, ArchiveReader, read_index
 from medustore.archive.repository import Repository, Retention
 from medustore.archive.storage import parse_location
@@ -92,8 +93,10 @@ def open_store(
                     _ = UpdateStore(repo, read_only=True)  # a format-1 archive says so here
                     raise ReadOnlyError(f"{loc.text} is a plain Zarr snapshot (an export): "
                                         "read-only; open it with mode 'r'")
-                return UpdateStore(repo, read_only=mode == "r", as_of_round=as_of_round,
-                                   retention=retention)
+                store = UpdateStore(repo, read_only=mode == "r", as_of_round=as_of_round,
+                                    retention=retention)
+                store.storage_options = dict(storage_options) if storage_options else None
+                return store
             except BaseException:
                 repo.close()
                 raise
@@ -119,7 +122,9 @@ def open_store(
         create_arrays(group, settings, {"record": pol.record_serializer(),
                                         "aggregate": pol.aggregate_serializer()}, initial)
         session.commit("create archive", metadata={"medustore": {"round": None}})
-        return UpdateStore(repo, read_only=False, retention=retention)
+        store = UpdateStore(repo, read_only=False, retention=retention)
+        store.storage_options = dict(storage_options) if storage_options else None
+        return store
     except BaseException:
         repo.close()
         raise
@@ -137,6 +142,8 @@ class UpdateStore:
         self._repo = repo
         self.read_only = read_only
         self.retention = retention or Retention()
+        #: The options the archive was opened with (distributed replay passes them on).
+        self.storage_options: dict | None = None
         self._open_version(as_of_round)
 
     def _open_version(self, as_of_round: int | None = None) -> None:
@@ -371,26 +378,23 @@ class UpdateStore:
 
     def unlearn(self, users: Any, *, rounds: Any = None, alpha: float = 0.0,
                 out: OutputKind = "numpy", progress: bool | None = None,
-                exact_accumulator: bool | None = None) -> Any:
-        """The model with the contribution of ``users`` removed; see `medustore.replay`."""
-        from medustore.replay import unlearn
+                exact_accumulator: bool | None = None, client: Any = None,
+                **kwargs: Any) -> Any:
+        """The model with the contribution of ``users`` removed; see `medustore.replay`
+        (``client``: a ``dask.distributed.Client`` to split the replay across workers)."""
+        return replay.unlearn(self, users, rounds=rounds, alpha=alpha, out=out,
+                              progress=progress, exact_accumulator=exact_accumulator,
+                              client=client, **kwargs)
 
-        return unlearn(self, users, rounds=rounds, alpha=alpha, out=out, progress=progress,
-                       exact_accumulator=exact_accumulator)
-
-    def reconstruct(self, round: int, out: OutputKind = "numpy") -> Any:
+    def reconstruct(self, round: int, out: OutputKind = "numpy", *, client: Any = None) -> Any:
         """The global model at the start of ``round``; see `medustore.replay`."""
-        from medustore.replay import reconstruct
-
-        return reconstruct(self, round, out=out)
+        return replay.reconstruct(self, round, out=out, client=client)
 
     def error_budget(self, users: Any, *, rounds: Any = None, alpha: float = 0.0,
                      exact_accumulator: bool | None = None) -> Any:
         """How far `unlearn` may be from the exact replay; see `medustore.replay`."""
-        from medustore.replay import error_budget
-
-        return error_budget(self, users, rounds=rounds, alpha=alpha,
-                            exact_accumulator=exact_accumulator)
+        return replay.error_budget(self, users, rounds=rounds, alpha=alpha,
+                                   exact_accumulator=exact_accumulator)
 
 
 def _with_snapshot(index: ArchiveIndex, sid: str) -> ArchiveIndex:
