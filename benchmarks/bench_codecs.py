@@ -39,6 +39,17 @@ function, so the gap there may be negative).
     python benchmarks/bench_codecs.py                   # default, a few minutes
     python benchmarks/bench_codecs.py --quick           # smoke test, seconds
     python benchmarks/bench_codecs.py --markdown out.md --json out.json
+    python benchmarks/bench_codecs.py --small-chunks    # rate vs Shannon, 4,810 vs 2**20
+    python benchmarks/bench_codecs.py --per-tensor      # segments on bench_store's model
+
+``--small-chunks`` codes Gaussian chunks of 4,810 values (the demo's record) and of 2**20
+values at 1, 1.5, 2 and 4 bits with the context streams only (format 1's layout) and with
+format 2's per-chunk choice of layout, and reports the stored rate, the Shannon rate at
+the measured MSE and their gap. ``--per-tensor`` codes updates of bench_store's CNN
+(tensors whose update scales span 1e-1..1e-4, 1,000,000 parameters in one 2**20-value
+chunk) with E8 at 2 and 4 bits, one segment per chunk or one per tensor
+(`medustore.segments.chunk_segments`), and reports bytes and the relative error
+``||e_t|| / ||d_t||`` of every tensor.
 """
 
 from __future__ import annotations
@@ -54,7 +65,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -66,7 +76,7 @@ import numcodecs  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medustore.codecs import DiffThresholdCodec, LatticeCodec, get_lattice  # noqa: E402
-from medustore.codecs.lattice import chunk_streams  # noqa: E402
+from medustore.codecs.lattice import chunk_streams, lattice_info  # noqa: E402
 
 LATTICE_NAMES = ("Z", "A2", "D4", "E8")
 DEFAULTS = {"values": 1 << 20, "chunks": 2, "users": 8, "local_steps": 10, "repeats": 7,
@@ -229,14 +239,23 @@ def entropy_bits(values: np.ndarray) -> float:
     return float(n * math.log2(n) - np.sum(counts * np.log2(counts)))
 
 
-_LC_HEAD = struct.Struct("<BBBQdQBH")  # LatticeCodec chunk header after magic and version
-
-
 def lattice_header(buf: bytes) -> tuple[float, list[int]]:
     """Cell size ``s`` and the payload bytes of each index stream of a chunk."""
-    code, dtype, mode, count, s, seed, width, n = _LC_HEAD.unpack_from(buf, 5)
-    lengths = list(struct.unpack_from(f"<{n}Q", buf, 5 + _LC_HEAD.size))
-    return s, lengths
+    info = lattice_info(buf)
+    return info.scale, list(info.stream_bytes)
+
+
+def stored_indices(buf: bytes, lat: Any, blocks: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The stored streams of a chunk and its indices ``(blocks, dim)``, whatever its layout."""
+    streams = chunk_streams(buf)
+    layout = lattice_info(buf).layout
+    if layout == 0:
+        k = lat.to_index(lat.stream_points(streams, blocks))
+    elif layout == 1:
+        k = streams[0].reshape(lat.dim, blocks).T
+    else:
+        k = np.stack(streams, axis=1)
+    return streams, k
 
 
 # ------------------------------------------------------------------------------- lattices
@@ -260,13 +279,12 @@ def lattice_point(name: str, bits: int, chunks: list[np.ndarray], repeats: int,
         stored += 8 * len(buf)
         s, lengths = lattice_header(buf)
         cell += x.size * s * s
-        streams = chunk_streams(buf)
+        blocks = -(-x.size // lat.dim)
+        streams, k = stored_indices(buf, lat, blocks)
         hs = [entropy_bits(st) for st in streams]
         h_ctx += sum(hs)
-        blocks = -(-x.size // lat.dim)
-        k = lat.to_index(lat.stream_points(streams, blocks))
         h_col += sum(entropy_bits(k[:, j]) for j in range(lat.dim))
-        if detail and i == 0:
+        if detail and i == 0 and lattice_info(buf).layout == 0:
             ctx_of = [(j, c) for j in range(lat.dim)
                       for c in range(lat.contexts(np.zeros((1, lat.dim), np.int64), j)[1])]
             for (j, c), st, h, nbytes in zip(ctx_of, streams, hs, lengths, strict=True):
@@ -549,6 +567,136 @@ def report(res: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ main
 
 
+# ------------------------------------------------------------------ small chunks
+
+
+def small_chunks(lattices: list[str]) -> str:
+    """Rate vs Shannon on 4,810- and 2**20-value Gaussian chunks, format 1's context
+    streams against format 2's per-chunk layout (markdown)."""
+    from medustore.codecs import lattice as mod
+
+    def contexts_only(streams, k, blocks, lat, coded, orig=mod._smallest_layout):
+        return orig(streams, k, blocks, lat, mod.SMALL_CHUNK + 1)
+
+    rows = []
+    for values, chunks in ((4810, 40), (2**20, 2)):
+        xs = gaussian(values, chunks, SEED)
+        var = float(np.var(np.concatenate(xs).astype(np.float64)))
+        for bits in (1, 1.5, 2, 4):
+            for name in lattices:
+                cells = []
+                for mode in ("contexts", "chosen"):
+                    stored = sq = 0.0
+                    layouts = set()
+                    orig = mod._smallest_layout
+                    if mode == "contexts":
+                        mod._smallest_layout = contexts_only
+                    try:
+                        for i, x in enumerate(xs):
+                            codec = LatticeCodec(name, bits=bits, seed=SEED + i)
+                            buf = codec.encode(x)
+                            layouts.add(lattice_info(buf).layout)
+                            e = codec.decode(buf).astype(np.float64) - x
+                            stored += 8 * len(buf)
+                            sq += float(e @ e)
+                    finally:
+                        mod._smallest_layout = orig
+                    n = values * chunks
+                    rate, r_sh = stored / n, 0.5 * math.log2(var / (sq / n))
+                    cells.append((rate, rate - r_sh, layouts))
+                (r0, g0, _), (r1, g1, lay) = cells
+                rows.append([f"{values:,}", f"{bits:g}", name, f"{r0:.3f}", f"{g0:+.3f}",
+                             f"{r1:.3f}", f"{g1:+.3f}", ",".join(map(str, sorted(lay)))])
+    return table(["values/chunk", "bits", "lattice", "contexts only: rate", "gap",
+                  "format 2: rate", "gap", "layouts"], rows)
+
+
+# ------------------------------------------------------------------ per-tensor error
+
+#: bench_store's CNN (benchmarks/bench_store.py, `_FIXED_LAYERS`, `_FC1_SCALE`): name,
+#: shape and update scale of each tensor; fc1.weight takes the rest of the parameters.
+STORE_LAYERS = [("conv1.weight", (32, 3, 3, 3), 1e-2), ("conv1.bias", (32,), 3e-3),
+                ("conv2.weight", (64, 32, 3, 3), 3e-3), ("conv2.bias", (64,), 1e-3),
+                ("bn2.weight", (64,), 1e-4), ("bn2.bias", (64,), 1e-4),
+                ("fc1.weight", None, 3e-4), ("fc1.bias", (512,), 1e-3),
+                ("fc2.weight", (10, 512), 3e-2), ("fc2.bias", (10,), 1e-1)]
+
+
+def store_model(params: int) -> list[tuple[str, tuple[int, ...], float]]:
+    fixed = sum(math.prod(s) for _, s, _ in STORE_LAYERS if s is not None)
+    big = params - fixed
+    out = []
+    for n, s, sc in STORE_LAYERS:
+        out.append((n, (big // 512, 512) if s is None else s, sc))
+        if s is None and big % 512:
+            out.append(("fc1.extra", (big % 512,), sc))
+    return out
+
+
+def per_tensor(params: int = 1_000_000, chunk: int = 2**20, records: int = 4,
+               pairs: tuple[tuple[float, float], ...] = ((2, 2), (4, 4), (2, 0.75), (4, 1.5))
+               ) -> str:
+    """Bytes and per-tensor relative error of E8 records, with and without segments."""
+    from medustore.layout import ModelLayout
+    from medustore.segments import chunk_segments
+
+    layers = store_model(params)
+    sizes = [math.prod(s) for _, s, _ in layers]
+    layout = ModelLayout.from_template({n: np.zeros(s, np.float32) for n, s, _ in layers})
+    segs = chunk_segments(layout, chunk)
+    rng = np.random.default_rng(SEED)
+    scale = np.repeat([sc for _, _, sc in layers], sizes)
+    sens = np.exp(0.75 * rng.standard_normal(params))  # as bench_store: heavy tails
+    sens /= np.sqrt(np.mean(sens**2))
+    ds = [(scale * sens * rng.standard_normal(params)).astype(np.float32)
+          for _ in range(records)]
+    bounds = np.cumsum([0, *sizes])
+    out = []
+    summary = []
+    for bits, seg_bits in pairs:
+        res = {}
+        for mode in ("one segment", "per tensor"):
+            nbytes, e2, d2 = 0, np.zeros(len(layers)), np.zeros(len(layers))
+            for r, d in enumerate(ds):
+                b = bits if mode == "one segment" else seg_bits
+                codec = LatticeCodec("E8", bits=b, seed=SEED + r)
+                dec = []
+                for i, start in enumerate(range(0, params, chunk)):
+                    part = np.zeros(chunk, np.float32)
+                    piece = d[start : start + chunk]
+                    part[: piece.size] = piece
+                    buf = codec.encode(part, segs[i] if mode == "per tensor" else None)
+                    nbytes += len(buf)
+                    dec.append(codec.decode(buf)[: piece.size])
+                err = np.concatenate(dec).astype(np.float64) - d
+                for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                    e2[j] += float(err[a:b] @ err[a:b])
+                    d2[j] += float(d[a:b].astype(np.float64) @ d[a:b])
+            rel = np.sqrt(e2 / d2)
+            whole = math.sqrt(e2.sum() / d2.sum())
+            res[mode] = (nbytes, rel, whole)
+        (b0, rel0, w0), (b1, rel1, w1) = res["one segment"], res["per tensor"]
+        if (bits, seg_bits) not in pairs[:2]:
+            summary.append([f"{bits:g} / {seg_bits:g}", f"{8 * b0 / (params * records):.3f}",
+                            f"{8 * b1 / (params * records):.3f}",
+                            f"{100 * (b1 / b0 - 1):+.2f}%", f"{w0:.3f} / {w1:.3f}",
+                            f"{rel0.max() / w0:.2f}", f"{rel1.max() / w1:.2f}"])
+            continue
+        for j, (name, shape, sc) in enumerate(layers):
+            out.append([bits, name, f"{math.prod(shape):,}", f"{sc:g}", f"{rel0[j]:.3f}",
+                        f"{rel1[j]:.3f}"])
+        out.append([bits, "**whole model**", f"{params:,}", "", f"{w0:.3f}", f"{w1:.3f}"])
+        summary.append([f"{bits:g} / {seg_bits:g}", f"{8 * b0 / (params * records):.3f}",
+                        f"{8 * b1 / (params * records):.3f}", f"{100 * (b1 / b0 - 1):+.2f}%",
+                        f"{w0:.3f} / {w1:.3f}",
+                        f"{rel0.max() / w0:.2f}", f"{rel1.max() / w1:.2f}"])
+    return (table(["bits (one segment / per tensor)", "one segment: bit/param",
+                   "per tensor: bit/param", "bytes", "whole-model rel. error",
+                   "worst/whole, one segment", "worst/whole, per tensor"], summary)
+            + "\n\n" + table(["bits", "tensor", "values", "update scale",
+                               "rel. error, one segment", "rel. error, per tensor"], out))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -566,7 +714,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu", type=int, help="core to pin to (default: first allowed)")
     ap.add_argument("--markdown", help="write the report here too")
     ap.add_argument("--json", help="write all measurements here")
+    ap.add_argument("--small-chunks", action="store_true",
+                    help="only the rate vs Shannon table of small and large chunks")
+    ap.add_argument("--per-tensor", action="store_true",
+                    help="only the per-tensor error table on bench_store's model")
     args = ap.parse_args(argv)
+    if args.small_chunks or args.per_tensor:
+        lattices = [n.strip() for n in args.lattices.split(",")]
+        if args.small_chunks:
+            print(small_chunks(lattices) + "\n")
+        if args.per_tensor:
+            print(per_tensor() + "\n")
+        return
 
     p = dict(QUICK if args.quick else DEFAULTS)
     for key in ("values", "chunks", "users", "local_steps", "repeats"):

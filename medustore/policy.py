@@ -130,23 +130,29 @@ class MeduPolicy:
 
     # ------------------------------------------------------------------ stage 2b + 3
 
-    def record_serializer(self) -> dict | None:
-        """zarr v3 serializer of record chunks (None: lossless float32 bytes + zstd)."""
+    def record_codec(self) -> LatticeCodec | DiffThresholdCodec | None:
+        """The codec of record chunks (None: lossless float32 bytes + zstd)."""
         inner = None if self.lattice is None else LatticeCodec(self.lattice, bits=self.bits,
                                                                key=self.seed)
         if self.coord_threshold is not None:
-            codec = DiffThresholdCodec(relative=self.coord_threshold, inner=inner)
-        elif inner is not None:
-            codec = inner
-        else:
+            return DiffThresholdCodec(relative=self.coord_threshold, inner=inner)
+        return inner
+
+    def aggregate_codec(self) -> LatticeCodec | None:
+        """The codec of aggregate chunks (None: lossless)."""
+        if self.lattice is None or self.aggregate_bits is None:
             return None
-        return _serializer(codec)
+        return LatticeCodec(self.lattice, bits=self.aggregate_bits, key=self.seed)
+
+    def record_serializer(self) -> dict | None:
+        """zarr v3 serializer of record chunks (None: lossless float32 bytes + zstd)."""
+        codec = self.record_codec()
+        return None if codec is None else _serializer(codec)
 
     def aggregate_serializer(self) -> dict | None:
         """zarr v3 serializer of aggregate chunks (None: lossless)."""
-        if self.lattice is None or self.aggregate_bits is None:
-            return None
-        return _serializer(LatticeCodec(self.lattice, bits=self.aggregate_bits, key=self.seed))
+        codec = self.aggregate_codec()
+        return None if codec is None else _serializer(codec)
 
     def _chunks(self, x: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
         """Each chunk of ``x`` as its codec sees it, with the number of real values: zarr
@@ -159,33 +165,60 @@ class MeduPolicy:
                 part = np.concatenate([part, np.zeros(c - n)])
             yield part, n
 
-    def expected_error(self, d: np.ndarray) -> tuple[float, float, int]:
+    def expected_error(self, d: np.ndarray,
+                       segments: Sequence[Sequence[int]] | None = None
+                       ) -> tuple[float, float, int]:
         """``(E||e||^2, ||zeroed||, survivors)`` of coding record ``d`` under this policy.
 
-        Mirrors the codecs chunk by chunk, so the store can keep the error budget of each
-        record without decoding it later.
+        ``segments``: per chunk, the segment lengths its chunk is encoded with
+        (`medustore.segments.chunk_segments`: they sum to the chunk length, the zero
+        padding of the last chunk included); None codes each chunk as one segment.
+        Mirrors the codecs chunk by chunk and segment by segment (the same thresholds,
+        survivors and cell sizes), so the store can keep the error budget of each record
+        without decoding it later.
         """
         evar, zsq, surv = 0.0, 0.0, 0
-        for part, n in self._chunks(d):
+        chunks = list(self._chunks(d))
+        segs = self._segments(segments, chunks)
+        for (part, n), seg in zip(chunks, segs, strict=True):
+            lengths: Sequence[int] | None = seg
             if self.coord_threshold is not None:
-                tau = DiffThresholdCodec(relative=self.coord_threshold).tau(part)
-                small = np.abs(part) <= tau  # the zero padding is always below tau
+                keep, counts = DiffThresholdCodec(relative=self.coord_threshold).survivors(
+                    part, seg)  # the zero padding is always below tau
+                small = ~keep
                 zsq += float(np.dot(part[small], part[small]))
-                part = part[~small]
+                part, lengths = part[keep], counts
                 n = part.size
             surv += n
             if self.lattice is not None and part.size:
-                # The padding is coded too (it sets the step) but its error is dropped.
+                # The padding is coded too when it shares a segment (it sets the step)
+                # but its error is dropped.
                 codec = LatticeCodec(self.lattice, bits=self.bits)
-                evar += codec.error_variance(part) * n
+                evar += codec.expected_error(part, lengths, real=n)
         return evar, math.sqrt(zsq), surv
 
-    def expected_aggregate_error(self, hbar: np.ndarray) -> float:
-        """``E||e||^2`` of coding the aggregate ``hbar``."""
+    def expected_aggregate_error(self, hbar: np.ndarray,
+                                 segments: Sequence[Sequence[int]] | None = None) -> float:
+        """``E||e||^2`` of coding the aggregate ``hbar`` (``segments`` as in
+        `expected_error`)."""
         if self.lattice is None or self.aggregate_bits is None or not self.keep_aggregates:
             return 0.0
         codec = LatticeCodec(self.lattice, bits=self.aggregate_bits)
-        return sum(codec.error_variance(part) * n for part, n in self._chunks(hbar))
+        chunks = list(self._chunks(hbar))
+        segs = self._segments(segments, chunks)
+        return sum(codec.expected_error(part, seg, real=n)
+                   for (part, n), seg in zip(chunks, segs, strict=True))
+
+    @staticmethod
+    def _segments(segments: Sequence[Sequence[int]] | None,
+                  chunks: list[tuple[np.ndarray, int]]) -> list[Sequence[int] | None]:
+        if segments is None:
+            return [None] * len(chunks)
+        segments = list(segments)
+        if len(segments) != len(chunks):
+            raise ValueError(
+                f"MeduPolicy: {len(segments)} chunk segment tables for {len(chunks)} chunks")
+        return segments
 
     # ------------------------------------------------------------------ JSON form
 

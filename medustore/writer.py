@@ -12,18 +12,22 @@ from __future__ import annotations
 import asyncio
 import math
 import numbers
+import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from medustore.archive.reader import ATTR, chunk_key
 from medustore.archive.table import TABLE, codec_args
 from medustore.index import ArchiveIndex, Settings, chain, parse_round, parse_user, user_text
 from medustore.layout import ModelLayout
+from medustore.segments import chunk_segments
 
 __all__ = ["RoundPlan", "RoundSummary", "initial_tables", "plan_round", "write_round"]
 
@@ -198,16 +202,18 @@ def plan_round(index: ArchiveIndex, round: Any, updates: Any,
     if not (np.isfinite(dnorm).all() and math.isfinite(anorm)):
         raise ValueError("the round's updates are too large: their norms overflow float64")
     keep = pol.select(users, p, dnorm, anorm)
+    segments = chunk_segments(layout, settings.chunk)
     znorm, evar = np.zeros(len(users)), np.zeros(len(users))
     for i in np.flatnonzero(keep):
-        evar[i], znorm[i], _ = pol.expected_error(dvecs[i])
+        evar[i], znorm[i], _ = pol.expected_error(dvecs[i], segments)
 
     model = w_before + hbar
     if _overflow(model, settings.model_dtype):
         raise ValueError(f"the next global model (w_t + aggregate) overflows "
                          f"{np.dtype(settings.model_dtype)}")
     hbar32 = hbar.astype(np.float32)
-    agg_evar = pol.expected_aggregate_error(hbar32) if pol.keep_aggregates else 0.0
+    agg_evar = (pol.expected_aggregate_error(hbar32, segments) if pol.keep_aggregates
+                else 0.0)
     acc_terms = None
     if settings.accumulators:
         terms = []
@@ -254,13 +260,9 @@ def write_round(group: zarr.Group, index: ArchiveIndex, plan: RoundPlan,
     kept = np.flatnonzero(plan.keep)
     record_ids[kept] = N + np.arange(k)
     if k:
-        # One block write: zarr codes the round's chunks concurrently (whole chunks only, so
-        # no lossy chunk is ever read back and re-quantised).
-        rec[N:N + k, :] = np.stack([plan.dvecs[i] for i in kept])
-        n_chunks = math.ceil(index.layout.size / settings.chunk)
-        sizes = sync(_sizes(group.store, [chunk_key(rec, (N + j, c)) for j in range(k)
-                                           for c in range(n_chunks)]))
-        nbytes[kept] = np.asarray(sizes, dtype=np.int64).reshape(k, n_chunks).sum(axis=1)
+        sizes = write_rows(group.store, rec, N, [plan.dvecs[i] for i in kept],
+                           index.policy.record_codec(), index.layout, settings.chunk)
+        nbytes[kept] = sizes
 
     rounds_row = np.array([[plan.round, n, U2]], dtype=np.int64)
     facts_row = np.array([[plan.anorm, plan.agg_evar]])
@@ -276,7 +278,8 @@ def write_round(group: zarr.Group, index: ArchiveIndex, plan: RoundPlan,
         arrays["users"][U:U2] = np.array(new_text, dtype=object)
     if "aggregate" in arrays:
         _grow(arrays["aggregate"], R + 1)
-        arrays["aggregate"][R, :] = plan.hbar
+        write_rows(group.store, arrays["aggregate"], R, [plan.hbar],
+                   index.policy.aggregate_codec(), index.layout, settings.chunk)
     if plan.acc_terms is not None:
         acc = arrays["acc"]
         _grow(acc, U2)
@@ -299,8 +302,50 @@ def write_round(group: zarr.Group, index: ArchiveIndex, plan: RoundPlan,
     return new_index, int(nbytes.sum())
 
 
+def write_rows(store: Any, arr: zarr.Array, first: int, rows: list[np.ndarray],
+               codec: Any, layout: ModelLayout, chunk: int) -> np.ndarray:
+    """Write ``rows`` into ``arr`` from row ``first`` on; the encoded bytes of each row.
+
+    Lossy rows are coded here, chunk by chunk, each chunk with its tensor-aligned segments
+    (a codec called by zarr sees no chunk coordinates, hence no tensor boundaries), and
+    stored under the chunks' keys; the chunks describe themselves, so zarr decodes them.
+    Lossless rows go through zarr (one block write: whole chunks only).
+    """
+    n_chunks = math.ceil(layout.size / chunk)
+    keys = [chunk_key(arr, (first + j, c)) for j in range(len(rows)) for c in range(n_chunks)]
+    if codec is None:
+        arr[first:first + len(rows), :] = np.stack(rows)
+        return np.asarray(sync(_sizes(store, keys)), dtype=np.int64).reshape(
+            len(rows), n_chunks).sum(axis=1)
+    segments = chunk_segments(layout, chunk)
+
+    def encode(job: tuple[int, int]) -> bytes:
+        j, c = job
+        part = np.zeros(chunk, dtype=np.float32)  # zarr's fill value pads the last chunk
+        piece = rows[j][c * chunk:(c + 1) * chunk]
+        part[:piece.size] = piece
+        return codec.encode(part, segments=segments[c])
+
+    jobs = [(j, c) for j in range(len(rows)) for c in range(n_chunks)]
+    with ThreadPoolExecutor(max_workers=min(len(jobs), _CODERS)) as pool:
+        blobs = list(pool.map(encode, jobs))  # numpy and pcodec release the GIL
+    sync(_put(store, keys, blobs))
+    return np.array([len(b) for b in blobs], dtype=np.int64).reshape(
+        len(rows), n_chunks).sum(axis=1)
+
+
+#: Threads coding a round's chunks: one per core, as the replay decodes.
+_CODERS = max(2, min(4, os.cpu_count() or 2))
+
+
 async def _sizes(store: Any, keys: list[str]) -> list[int]:
     return list(await asyncio.gather(*(store.getsize(key) for key in keys)))
+
+
+async def _put(store: Any, keys: list[str], blobs: list[bytes]) -> None:
+    proto = default_buffer_prototype()
+    await asyncio.gather(*(store.set(key, proto.buffer.from_bytes(blob))
+                           for key, blob in zip(keys, blobs, strict=True)))
 
 
 def write_meta(group: zarr.Group, settings: Settings, index: ArchiveIndex) -> None:

@@ -7,6 +7,7 @@ import struct
 import tracemalloc
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numcodecs
 import numpy as np
@@ -34,6 +35,7 @@ from medustore.testing import (
 )
 
 NAMES = sorted(LATTICES)
+FIXTURES = Path(__file__).parent / "fixtures" / "codecs"
 SQRT_2PIE = float(np.sqrt(2.0 * np.pi * np.e))
 # Published normalized second moments (Conway & Sloane), independent of Lattice.G.
 G_THEORY = {"Z": 1.0 / 12.0, "A2": 0.08019, "D4": 0.07660, "E8": 0.07168}
@@ -127,8 +129,10 @@ def test_zero_chunks(name: str, dtype: np.dtype) -> None:
     assert dec.dtype == dtype and dec.shape == (65,) and not dec.any()
     # -0.0 counts as zero too.
     assert not LatticeCodec(name).decode(LatticeCodec(name).encode(-x)).any()
-    # With an absolute step, zeros are coded like anything else (dithered noise).
+    # With an absolute step too (format 2): a segment of zeros is not coded.
     assert_guarantee(LatticeCodec(name, step=0.1, seed=2), x)
+    enc = LatticeCodec(name, step=0.1, seed=2).encode(x)
+    assert lattice_header(enc).mode == 0 and len(enc) < 64
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -494,6 +498,9 @@ VALID = {
     "Z": LatticeCodec("Z", bits=2, seed=4).encode(_X[:17]),
     "zero": LatticeCodec("D4").encode(np.zeros(40, dtype=np.float32)),
     "empty": LatticeCodec("E8", step=1.0).encode(np.zeros(0)),
+    # format-1 chunks (committed fixtures): still decoded, so still fuzzed
+    **{f"v1-{name}": (FIXTURES / f"lattice-{name}.bin").read_bytes()
+       for name in ("E8-b4-f4", "A2-b2-f4", "D4-b3-f4", "Z-b4-f4")},
 }
 
 
@@ -543,7 +550,7 @@ def test_header_edits_reach_the_parser() -> None:
     refusals = {
         "lattice": (9, "unknown lattice"), "dtype": (0, "dtype"), "mode": (7, "corrupt"),
         "width": (2, "corrupt"), "streams": (3, "streams"), "scale": (-1.0, "corrupt"),
-        "count": (2**40, "limit"), "version": (2, "version"),
+        "count": (2**40, "limit"), "version": (9, "version"),
     }
     for name, (value, message) in refusals.items():
         with pytest.raises(ValueError, match=message):

@@ -260,3 +260,105 @@ def test_describe_mentions_each_stage() -> None:
 def test_invalid_arguments_raise_value_error(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         MeduPolicy(**kwargs)
+
+
+# ---------------------------------------------------------------------------- segments
+
+
+def _layered_record(seed: int = 3) -> tuple[np.ndarray, tuple[tuple[int, ...], ...], int]:
+    """A record of a model with tensors of very different scales, its chunk segments
+    (`medustore.segments.chunk_segments`) for chunks of 1,000 values, and that size."""
+    from medustore.layout import ModelLayout
+    from medustore.segments import chunk_segments
+
+    shapes = {"conv.w": ((30, 40), 1e-2), "conv.b": ((30,), 1e-3), "bn.w": ((64,), 1e-4),
+              "fc.w": ((1200,), 3e-4), "fc.b": ((10,), 1e-1), "out.w": ((500,), 3e-2)}
+    layout = ModelLayout.from_template({k: np.zeros(s, np.float32)
+                                        for k, (s, _) in shapes.items()})
+    rng = np.random.default_rng(seed)
+    d = np.concatenate([rng.normal(0.0, sc, int(np.prod(s))) for s, sc in shapes.values()])
+    return d.astype(np.float32), chunk_segments(layout, 1000), 1000
+
+
+def _encode_record(policy: MeduPolicy, d: np.ndarray, segments, chunk: int, seed: int
+                   ) -> list[bytes]:
+    """Encode ``d`` chunk by chunk as the writer does (zero padding, segments)."""
+    inner = LatticeCodec(policy.lattice, bits=policy.bits, seed=seed)
+    codec = (DiffThresholdCodec(relative=policy.coord_threshold, inner=inner)
+             if policy.coord_threshold is not None else inner)
+    out = []
+    for i, start in enumerate(range(0, d.size, chunk)):
+        part = np.zeros(chunk, np.float32)
+        piece = d[start : start + chunk]
+        part[: piece.size] = piece
+        out.append(codec.encode(part, segments=segments[i]))
+    return out
+
+
+@pytest.mark.parametrize("threshold", [None, 0.0, 0.5])
+@pytest.mark.parametrize("lattice", ["Z", "E8"])
+def test_expected_error_mirrors_the_segmented_codecs(threshold: float | None,
+                                                     lattice: str) -> None:
+    from medustore.codecs import get_lattice, threshold_info
+    from medustore.codecs.lattice import lattice_info
+    from medustore.testing import threshold_header
+
+    d, segments, chunk = _layered_record()
+    policy = MeduPolicy(lattice=lattice, bits=2.0, coord_threshold=threshold,
+                        chunk_size=chunk, aggregate_bits=3.0)
+    evar, znorm, surv = policy.expected_error(d, segments)
+    G = get_lattice(lattice).G
+    want_evar, want_zsq, want_surv = 0.0, 0.0, 0
+    for i, buf in enumerate(_encode_record(policy, d, segments, chunk, seed=1)):
+        real = min(chunk, d.size - i * chunk)
+        if threshold is not None:
+            info = threshold_info(buf)
+            want_zsq += info.zeroed_norm**2
+            want_surv += info.survivors
+            inner = threshold_header(buf).inner
+            segs = lattice_info(inner).segments if inner else ()
+            want_evar += sum(G * s**2 * n for n, s in segs)  # survivors are real values
+        else:
+            want_surv += real
+            a = 0
+            for n, s in lattice_info(buf).segments:
+                want_evar += G * s**2 * max(0, min(a + n, real) - a)
+                a += n
+    assert evar == pytest.approx(want_evar, rel=1e-12)
+    assert znorm == pytest.approx(np.sqrt(want_zsq), rel=1e-9)
+    assert surv == want_surv
+    # the aggregate: one segment table per chunk too
+    agg = policy.expected_aggregate_error(d, segments)
+    agg_codec = LatticeCodec(lattice, bits=3.0)
+    want = 0.0
+    for i, start in enumerate(range(0, d.size, chunk)):
+        part = np.zeros(chunk, np.float64)
+        part[: min(chunk, d.size - start)] = d[start : start + chunk]
+        want += agg_codec.expected_error(part, segments[i], real=min(chunk, d.size - start))
+    assert agg == want
+
+
+def test_expected_error_with_segments_is_measured_error() -> None:
+    # E||e||^2 from the policy against the mean measured over seeds, per record.
+    d, segments, chunk = _layered_record(seed=4)
+    policy = MeduPolicy(lattice="E8", bits=2.0, chunk_size=chunk)
+    evar, _, _ = policy.expected_error(d, segments)
+    measured = []
+    for seed in range(40):
+        dec = np.concatenate([LatticeCodec().decode(b) for b in
+                              _encode_record(policy, d, segments, chunk, seed=100 + seed)])
+        measured.append(float(np.sum((dec[: d.size].astype(np.float64) - d) ** 2)))
+    m = np.mean(measured)
+    assert abs(m - evar) < 6 * np.std(measured) / np.sqrt(len(measured))
+
+
+def test_expected_error_segments_must_match_the_chunks() -> None:
+    d, segments, chunk = _layered_record()
+    policy = MeduPolicy(lattice="Z", bits=2.0, chunk_size=chunk)
+    with pytest.raises(ValueError, match="segment tables"):
+        policy.expected_error(d, segments[:-1])
+    with pytest.raises(ValueError, match="segments"):
+        policy.expected_error(d, [(5,)] * len(segments))
+    # None and one segment per chunk are the same thing
+    one = [(chunk,)] * len(segments)
+    assert policy.expected_error(d, one) == policy.expected_error(d)

@@ -319,3 +319,55 @@ def test_store_naming_another_inner_codec_is_refused(tmp_path: Path, inner: dict
         zarr.open_array(tmp_path / "a.zarr", mode="r")[:]
     with pytest.raises(ValueError, match="is not accepted"):
         DiffThresholdZarrCodec.from_dict(meta["codecs"][0])
+
+
+# ---------------------------------------------------------------- format 2: segmented chunks
+
+
+@pytest.mark.parametrize("kind", ["lattice", "threshold"])
+@pytest.mark.parametrize("dtype", ["f4", "f8"])
+def test_segmented_chunks_written_by_key_decode_through_zarr(tmp_path: Path, kind: str,
+                                                             dtype: str) -> None:
+    # The writer encodes each chunk itself with its tensor segments and stores the bytes
+    # under the chunk's key; zarr reads them back through the adapter (format 2 chunks are
+    # self-describing: nothing about the segments is in the array metadata).
+    from test_segments_codec import check_segment_guarantee
+
+    from medustore.codecs.lattice import lattice_info
+    from medustore.testing import threshold_header
+
+    inner = LatticeCodec("E8", bits=3, seed=21)
+    if kind == "lattice":
+        serializer, codec = LatticeZarrCodec(lattice="E8", bits=3, seed=21), inner
+    else:
+        serializer = DiffThresholdZarrCodec(relative=0.25, inner=inner.get_config())
+        codec = DiffThresholdCodec(relative=0.25, inner=inner)
+    root = tmp_path / "a.zarr"
+    zarr.create_array(root, shape=(300,), chunks=(128,), dtype=dtype,
+                      serializer=serializer, compressors=None, fill_value=0)
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=300) * np.repeat([1.0, 1e-3, 1e-1], [100, 120, 80])).astype(dtype)
+    segments = [(100, 28), (92, 36), (44, 84)]  # the last chunk's padding is a segment
+    for i, segs in enumerate(segments):
+        part = np.zeros(128, dtype)
+        piece = x[128 * i : 128 * (i + 1)]
+        part[: piece.size] = piece
+        (root / "c").mkdir(exist_ok=True)
+        (root / "c" / str(i)).write_bytes(codec.encode(part, segments=segs))
+    got = zarr.open_array(root)[:]
+    assert got.dtype == np.dtype(dtype) and got.shape == (300,)
+    for i, segs in enumerate(segments):
+        buf = (root / "c" / str(i)).read_bytes()
+        part = np.zeros(128, dtype)
+        part[: min(128, 300 - 128 * i)] = x[128 * i : 128 * (i + 1)]
+        dec = codec.decode(buf)
+        np.testing.assert_array_equal(got[128 * i : 128 * (i + 1)], dec[: 300 - 128 * i])
+        if kind == "lattice":
+            info = lattice_info(buf)
+            assert [n for n, _ in info.segments] == list(segs)
+            check_segment_guarantee("E8", part, dec, info)
+        else:
+            keep, _ = codec.survivors(part, segs)
+            assert not dec[~keep].any()
+            check_segment_guarantee("E8", part[keep], dec[keep],
+                                    lattice_info(threshold_header(buf).inner))

@@ -56,6 +56,7 @@ __all__ = [
     "frame",
     "norm",
     "rms",
+    "varint",
 ]
 
 #: Float dtypes the codecs accept, by one-byte header code.
@@ -171,12 +172,43 @@ class ChunkReader:
         self._pos += n
         return view
 
+    def varint(self, limit: int = 2**64 - 1) -> int:
+        """An unsigned LEB128 integer (at most 10 bytes, minimal form), at most ``limit``."""
+        value, shift = 0, 0
+        for i in range(10):
+            (byte,) = self.take(1)
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                if byte == 0 and i > 0:
+                    raise ValueError(f"{self.codec}: corrupt chunk (overlong integer)")
+                if value > limit:
+                    raise ValueError(
+                        f"{self.codec}: corrupt chunk (field value {value} above {limit})")
+                return value
+            shift += 7
+        raise ValueError(f"{self.codec}: corrupt chunk (integer longer than 10 bytes)")
+
     def finish(self) -> None:
         """Refuse trailing bytes: a well-formed chunk is consumed exactly."""
         if self._pos != len(self._data):
             raise ValueError(
                 f"{self.codec}: {len(self._data) - self._pos} unexpected trailing bytes"
             )
+
+
+def varint(n: int) -> bytes:
+    """Unsigned LEB128 encoding of ``0 <= n < 2**64`` (the inverse of `ChunkReader.varint`)."""
+    if not 0 <= n < 2**64:
+        raise ValueError(f"varint out of range: {n}")
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def check_count(count: int, out: np.ndarray | None, codec: str) -> None:

@@ -9,7 +9,14 @@ a subtractive dither alone would turn them into noise, which is why the mask exi
 header keeps what the error budget needs without the original data: the number of
 survivors and the norm of what was zeroed.
 
-Chunk format, version 1 (little-endian)::
+Segments (version 2): ``encode(x, segments)`` cuts the chunk into consecutive runs of
+values (e.g. tensor pieces); in relative mode each run gets its own threshold
+``tau_j = relative * rms(x_j)``, and the survivors of each run form one segment of the
+inner `LatticeCodec` chunk (so each is coded at its own scale). The inner chunk carries
+the survivors' segment table; the header's ``tau`` is the largest of the ``tau_j``.
+
+Chunk format, versions 1 and 2 (little-endian; 2 is written, with a version-2 inner
+chunk and ``tau`` the largest per-segment threshold; 1 is read)::
 
     magic "MDDT" | version u8 | dtype u8 | flags u8 (bit 0: mask present)
     count u64 | tau f64 | survivors u64 | zeroed norm f64 | mask bytes u64 | inner bytes u64
@@ -26,6 +33,7 @@ into a buffer of the survivor count, under `LatticeCodec`'s own rule.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import numcodecs
 import numpy as np
@@ -44,13 +52,14 @@ from medustore.codecs._format import (
     norm,
     rms,
 )
-from medustore.codecs.lattice import LatticeCodec
+from medustore.codecs.lattice import LatticeCodec, normalize_segments
 
 __all__ = ["INNER_CODEC_IDS", "DiffThresholdCodec", "ThresholdInfo", "inner_codec",
            "threshold_info"]
 
 _MAGIC = b"MDDT"
-_VERSION = 1
+_VERSION = 2
+_READS = (1, 2)
 _HEAD = struct.Struct("<BBQdQdQQ")
 _MASK_PRESENT = 1
 _ZSTD = numcodecs.Zstd(level=1)
@@ -162,13 +171,37 @@ class DiffThresholdCodec(Codec):
             return self.threshold
         return self.relative * rms(np.asarray(x)) if self.relative else 0.0
 
-    def encode(self, buf: object) -> bytes:
+    def taus(self, x: np.ndarray, segments: Sequence[int] | None = None) -> list[float]:
+        """The threshold of each segment of chunk ``x`` (normalized segments, see
+        `medustore.codecs.lattice.normalize_segments`)."""
+        x = np.asarray(x).reshape(-1)
+        lengths = normalize_segments(segments, x.size, "DiffThresholdCodec")
+        bounds = np.cumsum([0, *lengths]).tolist()
+        return [self.tau(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def survivors(self, x: np.ndarray, segments: Sequence[int] | None = None
+                  ) -> tuple[np.ndarray, list[int]]:
+        """``(keep mask, survivors per segment)`` of chunk ``x`` cut into ``segments``."""
+        x = np.asarray(x).reshape(-1)
+        lengths = normalize_segments(segments, x.size, "DiffThresholdCodec")
+        keep = np.empty(x.size, dtype=bool)
+        counts, a = [], 0
+        for n, tau in zip(lengths, self.taus(x, lengths), strict=True):
+            # Compare in float64: a Python float would be rounded to a float16/32 input's
+            # dtype first, and entries just above tau would be zeroed.
+            np.greater(np.abs(x[a : a + n]), np.float64(tau), out=keep[a : a + n])
+            counts.append(int(np.count_nonzero(keep[a : a + n])))
+            a += n
+        return keep, counts
+
+    def encode(self, buf: object, segments: Sequence[int] | None = None) -> bytes:
+        """Encode ``buf``; ``segments``: lengths of consecutive runs of its flat values,
+        summing to its size, each thresholded (relative mode) and coded at its own scale."""
         x = as_float_array(buf, "DiffThresholdCodec")
         check_finite(x, "DiffThresholdCodec")
-        tau = self.tau(x)
-        # Compare in float64: a Python float would be rounded to a float16/32 input's dtype
-        # first, and entries just above tau would be zeroed.
-        keep = np.abs(x) > np.float64(tau)
+        lengths = normalize_segments(segments, x.size, "DiffThresholdCodec")
+        tau = max(self.taus(x, lengths), default=self.tau(x))
+        keep, counts = self.survivors(x, lengths)
         survivors = x[keep]
         zeroed_norm = norm(x[~keep])
         flags, mask = 0, b""
@@ -180,14 +213,14 @@ class DiffThresholdCodec(Codec):
         elif self.inner is None:
             inner = survivors.tobytes()
         else:
-            inner = bytes(self.inner.encode(survivors))
+            inner = bytes(self.inner.encode(survivors, segments=counts))
         header = _HEAD.pack(DTYPE_CODES[x.dtype], flags, x.size, tau, survivors.size,
                             zeroed_norm, len(mask), len(inner))
         return frame(_MAGIC + bytes([_VERSION]), header, mask, inner)
 
     def decode(self, buf: object, out: object = None) -> np.ndarray:
         inner = inner_codec(self.inner)  # `inner` may have been reassigned since __init__
-        r = ChunkReader(buf, _MAGIC, (1,), "DiffThresholdCodec")
+        r = ChunkReader(buf, _MAGIC, _READS, "DiffThresholdCodec")
         dtype_code, flags, count, _tau, n_surv, _norm, mask_len, inner_len = r.unpack(_HEAD)
         if dtype_code not in DTYPES:
             raise ValueError(f"DiffThresholdCodec: unknown dtype code {dtype_code}")
@@ -202,7 +235,12 @@ class DiffThresholdCodec(Codec):
         inner_bytes = r.take(inner_len)
         r.finish()
         if flags & _MASK_PRESENT:
-            packed = np.empty(-(-count // 8), dtype=np.uint8)
+            packed = np.zeros(-(-count // 8), dtype=np.uint8)
+            if _frame_content_size(mask_bytes) != packed.size:
+                # zstd would fill only the head of `packed` from a shorter frame
+                raise ValueError(
+                    "DiffThresholdCodec: corrupt survivor mask (its size disagrees with the "
+                    "count)")
             try:
                 _ZSTD.decode(bytes(mask_bytes), out=packed)
             except Exception as err:  # numcodecs raises RuntimeError/ValueError variants
@@ -231,8 +269,23 @@ class DiffThresholdCodec(Codec):
         return result if out is None else ndarray_copy(result, out)
 
 
+def _frame_content_size(data: memoryview) -> int | None:
+    """The decompressed size a zstd frame header declares (None: absent or unreadable)."""
+    head = bytes(data[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = head[4]
+    fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or pos + size > len(head):
+        return None
+    value = int.from_bytes(head[pos : pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
 def threshold_info(buf: object) -> ThresholdInfo:
     """Read the header of a `DiffThresholdCodec` chunk without decoding it."""
-    r = ChunkReader(buf, _MAGIC, (1,), "DiffThresholdCodec")
+    r = ChunkReader(buf, _MAGIC, _READS, "DiffThresholdCodec")
     _dt, _flags, count, tau, n_surv, norm, _ml, _il = r.unpack(_HEAD)
     return ThresholdInfo(count, n_surv, tau, norm)
