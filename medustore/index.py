@@ -113,9 +113,71 @@ def chain(previous: bytes, rounds_row: np.ndarray, facts_row: np.ndarray,
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
+    a = a.view()
     a.setflags(write=False)
     return a
+
+
+class _Users(Sequence):
+    """The first ``n`` ids of a list that later versions of the index may extend."""
+
+    __slots__ = ("_ids", "_n")
+
+    def __init__(self, ids: list[UserId], n: int) -> None:
+        self._ids, self._n = ids, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return tuple(self._ids[: self._n][i])
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._ids[i % self._n]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+class _Growing:
+    """Buffers of the index tables that successive versions share: the writer appends a
+    round in amortised O(its rows) instead of copying every table each round. A version
+    only ever reads its own prefix; only the newest version may append."""
+
+    def __init__(self, rounds: np.ndarray, facts: np.ndarray, entries: np.ndarray,
+                 efacts: np.ndarray, users: Sequence[UserId]) -> None:
+        self.tables = [np.array(t) for t in (rounds, facts, entries, efacts)]
+        self.start = np.concatenate([[0], np.cumsum(rounds[:, 1])]).astype(np.int64)
+        self.n = [rounds.shape[0], entries.shape[0]]
+        self.ids = list(users)
+        self.col = {u: i for i, u in enumerate(self.ids)}
+        self.row = {int(t): i for i, t in enumerate(rounds[:, 0])}
+
+    def append(self, rounds_row: np.ndarray, facts_row: np.ndarray, entries: np.ndarray,
+               efacts: np.ndarray, new_users: Sequence[UserId]) -> None:
+        R, E = self.n
+        for k, (rows, n) in enumerate(((rounds_row, R), (facts_row, R), (entries, E),
+                                       (efacts, E))):
+            buf = self.tables[k]
+            if n + rows.shape[0] > buf.shape[0]:  # grow by doubling
+                bigger = np.empty((max(2 * buf.shape[0], n + rows.shape[0], 16),
+                                   buf.shape[1]), dtype=buf.dtype)
+                bigger[:n] = buf[:n]
+                self.tables[k] = buf = bigger
+            buf[n:n + rows.shape[0]] = rows
+        if R + 2 > self.start.size:
+            self.start = np.concatenate([self.start[:R + 1], np.empty(max(R + 2, 16),
+                                                                       np.int64)])
+        self.start[R + 1] = self.start[R] + entries.shape[0]
+        self.n = [R + 1, E + entries.shape[0]]
+        for u in new_users:
+            self.col[u] = len(self.ids)
+            self.ids.append(u)
+        self.row[int(rounds_row[0, 0])] = R
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +208,7 @@ class ArchiveIndex:
     """
 
     settings: Settings
-    users: tuple[UserId, ...]
+    users: Sequence[UserId]
     rounds: np.ndarray
     start: np.ndarray
     anorm: np.ndarray
@@ -161,12 +223,8 @@ class ArchiveIndex:
     digest: str
     users_after: np.ndarray = field(repr=False, default=None)  # users known after each row
     snapshot: str | None = None
-    _col: dict = field(repr=False, default=None)
-    _row: dict = field(repr=False, default=None)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_col", {u: i for i, u in enumerate(self.users)})
-        object.__setattr__(self, "_row", {int(t): i for i, t in enumerate(self.rounds)})
+    n_records: int = 0
+    _shared: _Growing = field(repr=False, default=None)
 
     # ------------------------------------------------------------------ basic facts
 
@@ -187,10 +245,6 @@ class ArchiveIndex:
         return int(self.entry_user.size)
 
     @property
-    def n_records(self) -> int:
-        return int((self.entry_record >= 0).sum())
-
-    @property
     def last_round(self) -> int | None:
         return int(self.rounds[-1]) if self.rounds.size else None
 
@@ -203,16 +257,17 @@ class ArchiveIndex:
 
     def find(self, user: Any) -> int | None:
         """Column of ``user``, or None if the archive has never seen it."""
-        return self._col.get(parse_user(user))
+        col = self._shared.col.get(parse_user(user))
+        return col if col is not None and col < len(self.users) else None
 
     def column(self, user: Any) -> int:
         """Column of ``user``; `UnknownUserError` naming a few known ids otherwise."""
         u = parse_user(user)
-        col = self._col.get(u)
+        col = self.find(u)
         if col is None:
             alt = str(u) if isinstance(u, int) else (int(u) if u.lstrip("-").isdigit() else None)
             hint = (f" (the archive has {alt!r}: user ids are typed, {type(alt).__name__} "
-                    f"here)" if alt is not None and alt in self._col else "")
+                    f"here)" if alt is not None and self.find(alt) is not None else "")
             shown = ", ".join(map(repr, self.users[:10])) + (" ..." if len(self.users) > 10
                                                                  else "")
             raise UnknownUserError(f"user {u!r} is not in this archive{hint} (users: "
@@ -222,9 +277,10 @@ class ArchiveIndex:
     def row(self, round: Any) -> int:
         """Row of a committed round; ValueError naming the rounds held otherwise."""
         t = parse_round(round)
-        if t not in self._row:
+        row = self._shared.row.get(t)
+        if row is None or row >= self.n_rounds:
             raise ValueError(f"round {t} is not in this archive (it holds {self.rounds_text()})")
-        return self._row[t]
+        return row
 
     def rounds_text(self) -> str:
         if not self.rounds.size:
@@ -272,21 +328,40 @@ class ArchiveIndex:
     def from_tables(cls, settings: Settings, users: Sequence[UserId], rounds: np.ndarray,
                     facts: np.ndarray, entries: np.ndarray, entry_facts: np.ndarray,
                     digest: str, snapshot: str | None = None) -> ArchiveIndex:
-        r, e = _ROUNDS.field, _ENTRIES.field
+        shared = _Growing(rounds, facts, entries, entry_facts, users)
+        return cls._view(settings, shared, digest, snapshot)
+
+    @classmethod
+    def _view(cls, settings: Settings, shared: _Growing, digest: str,
+              snapshot: str | None) -> ArchiveIndex:
+        (R, E), (rounds, facts, entries, efacts) = shared.n, shared.tables
+        r, e, f = _ROUNDS.field, _ENTRIES.field, _EFACTS.field
+        record = entries[:E, e("record")]
         return cls(
-            settings=settings, users=tuple(users), rounds=_frozen(rounds[:, r("round")]),
-            start=_frozen(np.concatenate([[0], np.cumsum(rounds[:, r("entries")])]).astype(
-                np.int64)),
-            anorm=_frozen(facts[:, _FACTS.field("anorm")]),
-            agg_evar=_frozen(facts[:, _FACTS.field("agg_evar")]),
-            entry_user=_frozen(entries[:, e("user")]),
-            entry_record=_frozen(entries[:, e("record")]),
-            entry_nbytes=_frozen(entries[:, e("nbytes")]),
-            entry_weight=_frozen(entry_facts[:, _EFACTS.field("weight")]),
-            entry_dnorm=_frozen(entry_facts[:, _EFACTS.field("dnorm")]),
-            entry_znorm=_frozen(entry_facts[:, _EFACTS.field("znorm")]),
-            entry_evar=_frozen(entry_facts[:, _EFACTS.field("evar")]),
-            digest=digest, users_after=_frozen(rounds[:, r("users")]), snapshot=snapshot)
+            settings=settings, users=_Users(shared.ids, len(shared.ids)),
+            rounds=_frozen(rounds[:R, r("round")]), start=_frozen(shared.start[:R + 1]),
+            anorm=_frozen(facts[:R, _FACTS.field("anorm")]),
+            agg_evar=_frozen(facts[:R, _FACTS.field("agg_evar")]),
+            entry_user=_frozen(entries[:E, e("user")]), entry_record=_frozen(record),
+            entry_nbytes=_frozen(entries[:E, e("nbytes")]),
+            entry_weight=_frozen(efacts[:E, f("weight")]),
+            entry_dnorm=_frozen(efacts[:E, f("dnorm")]),
+            entry_znorm=_frozen(efacts[:E, f("znorm")]),
+            entry_evar=_frozen(efacts[:E, f("evar")]), digest=digest,
+            users_after=_frozen(rounds[:R, r("users")]), snapshot=snapshot,
+            n_records=int((record >= 0).sum()), _shared=shared)
+
+    def appended(self, rounds_row: np.ndarray, facts_row: np.ndarray, entries: np.ndarray,
+                 entry_facts: np.ndarray, new_users: Sequence[UserId],
+                 digest: str) -> ArchiveIndex:
+        """This index with one more round (the writer's, after its commit)."""
+        shared = self._shared
+        if shared.n != [self.n_rounds, self.n_entries] or len(shared.ids) != len(self.users):
+            # Not the newest version: copy rather than write into a newer one's buffers.
+            old = self.tables()
+            shared = _Growing(*old, list(self.users))
+        shared.append(rounds_row, facts_row, entries, entry_facts, new_users)
+        return self._view(self.settings, shared, digest, None)
 
     def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The four index tables (rounds, round_facts, entries, entry_facts) as stored."""

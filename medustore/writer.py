@@ -293,11 +293,8 @@ def write_round(group: zarr.Group, index: ArchiveIndex, plan: RoundPlan,
 
     digest = chain(bytes.fromhex(index.digest), rounds_row[0], facts_row[0], entries, efacts,
                    new_text)
-    old = index.tables()
-    new_index = ArchiveIndex.from_tables(
-        settings, (*index.users, *plan.new_users),
-        np.concatenate([old[0], rounds_row]), np.concatenate([old[1], facts_row]),
-        np.concatenate([old[2], entries]), np.concatenate([old[3], efacts]), digest.hex())
+    new_index = index.appended(rounds_row, facts_row, entries, efacts, plan.new_users,
+                               digest.hex())
     write_meta(group, settings, new_index)
     return new_index, int(nbytes.sum())
 
