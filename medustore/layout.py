@@ -3,7 +3,9 @@
 A store fixes its layout when it is created, from a template: a dict of numpy arrays, a
 flat vector, or a PyTorch ``state_dict`` / ``nn.Module`` (torch is imported lazily, only
 when such an object is given). Updates are validated against the layout and flattened to
-float32; reads are unflattened back to numpy, torch tensors or a ``state_dict``.
+float32; reads are unflattened back to numpy arrays (``out="numpy"``), one flat vector
+(``out="flat"``) or torch tensors (``out="state_dict"``: a dict of tensors that
+``load_state_dict`` takes, or one tensor for a model recorded as a flat vector).
 """
 
 from __future__ import annotations
@@ -15,9 +17,29 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["ModelLayout", "TensorSpec", "OutputKind"]
+__all__ = ["OUTPUT_KINDS", "ModelLayout", "OutputKind", "TensorSpec", "check_output_kind"]
 
-OutputKind = Literal["numpy", "flat", "torch", "state_dict"]
+#: What reads return: ``"numpy"`` (dict of numpy arrays in the model's dtypes), ``"flat"``
+#: (one vector) or ``"state_dict"`` (dict of torch tensors; needs torch).
+OutputKind = Literal["numpy", "flat", "state_dict"]
+OUTPUT_KINDS: tuple[str, ...] = ("numpy", "flat", "state_dict")
+
+
+def check_output_kind(out: Any) -> None:
+    """Refuse an ``out=`` that is not an `OutputKind`, before any work is done.
+
+    Raises
+    ------
+    ValueError
+        ``out`` is not ``"numpy"``, ``"flat"`` or ``"state_dict"``. ``"torch"``, an old
+        synonym of ``"state_dict"``, is refused with a message naming ``"state_dict"``.
+    """
+    if isinstance(out, str) and out in OUTPUT_KINDS:
+        return
+    if out == "torch":
+        raise ValueError("out='torch' is no longer accepted: use out='state_dict' (a dict "
+                         "of torch tensors for load_state_dict; one tensor for a flat model)")
+    raise ValueError(f"out must be 'numpy', 'flat' or 'state_dict', got {out!r}")
 
 
 @dataclass(frozen=True)
@@ -148,11 +170,21 @@ class ModelLayout:
         return out
 
     def unflatten(self, vec: np.ndarray, out: OutputKind = "numpy") -> Any:
-        """Split a flat vector back into the model's tensors (in their original dtypes)."""
+        """Split a flat vector back into the model's tensors (in their original dtypes).
+
+        Parameters
+        ----------
+        vec
+            The flat vector (`size` values).
+        out
+            ``"numpy"``: dict of numpy arrays (one array for a flat model); ``"flat"``: the
+            vector itself; ``"state_dict"``: dict of torch tensors (one tensor for a flat
+            model). Anything else, ``"torch"`` included, is a ValueError (see
+            `check_output_kind`).
+        """
+        check_output_kind(out)
         if out == "flat":
             return np.asarray(vec)
-        if out not in ("numpy", "torch", "state_dict"):
-            raise ValueError(f"out must be 'numpy', 'flat', 'torch' or 'state_dict', got {out!r}")
         arrays = {}
         for t in self.tensors:
             part = np.asarray(vec[t.offset : t.offset + t.size]).reshape(t.shape)
@@ -201,6 +233,6 @@ def _import_torch() -> Any:
         import torch
     except ImportError:
         raise ImportError(
-            "out='torch' / 'state_dict' needs PyTorch: pip install 'medustore[torch]'"
+            "out='state_dict' needs PyTorch: pip install 'medustore[torch]'"
         ) from None
     return torch

@@ -25,6 +25,7 @@ from medustore import replay
 from medustore.archive.export import export
 from medustore.cli import main
 from medustore.cli._common import (
+    EXIT_INCOMPLETE,
     EXIT_NOT_ARCHIVE,
     EXIT_USAGE,
     EXIT_VERSION_NOT_KEPT,
@@ -304,6 +305,105 @@ def test_inspect_memory_archive() -> None:
     assert data["archive"] == location and data["rounds"]["count"] == 4
 
 
+# ---------------------------------------------------------------------- inspect a folder
+
+
+@pytest.fixture(scope="module")
+def results_folder(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+                   ) -> Path:
+    """A folder like the one ``medustore demo --out DIR`` writes (full.zarr,
+    compressed.zarr), plus an exported zip, a format-1 archive and things that are no
+    archive (a file, a plain zarr group, an empty folder)."""
+    root = tmp_path_factory.mktemp("results")
+    shutil.copytree(archives["full"], root / "full.zarr")
+    shutil.copytree(archives["medu"], root / "compressed.zarr")
+    export(archives["lattice"], root / "snap.zip")
+    with zipfile.ZipFile(FORMAT1_ZIP) as zf:
+        zf.extractall(root / "old")
+    (root / "results.json").write_text("{}")
+    zarr.open_group(root / "group.zarr", mode="w")
+    (root / "empty").mkdir()
+    return root
+
+
+def test_inspect_folder_lists_archives(results_folder: Path) -> None:
+    result = cli("inspect", results_folder)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    text = result.stdout
+    assert text.startswith(f"{results_folder} is a folder, not an archive; it holds 4 archives")
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("archive "))
+    assert lines[header].split() == ["archive", "format", "storage", "rounds", "users",
+                                     "bytes", "note"]
+    rows = {line.split()[0]: line for line in lines[header + 2:] if line.strip()
+            and not line.startswith("Inspect")}
+    assert list(rows) == ["compressed.zarr", "full.zarr", "old", "snap.zip"]  # by name
+    for name in ("compressed.zarr", "full.zarr"):
+        assert rows[name].split()[1:6] == ["2", "icechunk", "repository", "4", "(0..4)"]
+        assert rows[name].split()[6] == str(len(USERS))
+    assert "plain zarr snapshot" in rows["snap.zip"]
+    assert rows["old"].split()[1] == "1" and "medustore upgrade" in rows["old"]
+    assert f"medustore inspect {results_folder / 'compressed.zarr'}" in text
+
+
+def test_inspect_folder_json(results_folder: Path) -> None:
+    result = cli("inspect", results_folder, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"folder", "archives"} and data["folder"] == str(results_folder)
+    entries = {e["name"]: e for e in data["archives"]}
+    assert list(entries) == ["compressed.zarr", "full.zarr", "old", "snap.zip"]
+    for name in ("compressed.zarr", "full.zarr", "snap.zip"):
+        e = entries[name]
+        with medustore.open(results_folder / name) as store:
+            assert e == {"name": name, "path": str(results_folder / name), "format": 2,
+                         "storage": "plain zarr snapshot" if name.endswith(".zip")
+                         else "icechunk repository",
+                         "rounds": len(store.rounds), "first": store.rounds[0],
+                         "last": store.rounds[-1], "users": len(store.users),
+                         "bytes": store.nbytes_stored(), "problem": None}
+    assert entries["old"]["format"] == 1 and entries["old"]["rounds"] is None
+    assert "medustore upgrade" in entries["old"]["problem"]
+
+
+def test_inspect_folder_lists_damaged_archives(archives: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    shutil.copytree(archives["full"], tmp_path / "good.zarr")
+    shutil.copytree(archives["lattice"], tmp_path / "broken.zarr")
+    for path in (tmp_path / "broken.zarr" / "manifests").iterdir():
+        path.unlink()
+    result = cli("inspect", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    broken = next(line for line in result.stdout.splitlines()
+                  if line.startswith("broken.zarr"))
+    assert "damaged archive" in broken and "medustore verify" in broken
+    assert "context:" not in broken  # no Icechunk span trace
+    data = json.loads(cli("inspect", tmp_path, "--json").stdout)
+    assert [e["name"] for e in data["archives"]] == ["broken.zarr", "good.zarr"]
+    assert data["archives"][1]["problem"] is None
+
+
+def test_inspect_folder_without_archives(tmp_path: Path) -> None:
+    """The old one-line error, exit 3, when the folder holds no archive."""
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()
+    zarr.open_group(tmp_path / "group.zarr", mode="w")
+    zarr.create_array(tmp_path / "array.zarr", shape=(3,), dtype="f4")
+    (tmp_path / "fake.zip").write_bytes(b"PK not really")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args in ([], ["--json"]):
+        line = assert_error(cli("inspect", tmp_path, *args), EXIT_NOT_ARCHIVE)
+        assert line == f"{ERROR}no medustore archive at {tmp_path}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
+
+
+def test_inspect_folder_as_of_round_names_the_archives(results_folder: Path) -> None:
+    line = assert_error(cli("inspect", results_folder, "--as-of-round", "1"),
+                        EXIT_NOT_ARCHIVE)
+    assert "compressed.zarr, full.zarr, old, snap.zip" in line and "--as-of-round" in line
+
+
 # ---------------------------------------------------------------------- unlearn
 
 
@@ -382,6 +482,72 @@ def test_unlearn_reports_missing_records(archives: dict[str, Path], tmp_path: Pa
     assert data["complete"] is False
     assert data["budget"]["records_missing"] == budget.records_missing
     assert [tuple(m) for m in data["budget"]["missing"]] == list(budget.missing)
+
+
+def test_unlearn_summary_says_approximate(archives: dict[str, Path], tmp_path: Path) -> None:
+    """Without --strict the summary itself says how many participations were not stored
+    and that the weights are approximate within the budget (not only the warning)."""
+    with medustore.open(archives["medu"]) as store:
+        budget = store.error_budget([0])
+    result = cli("unlearn", archives["medu"], "-u", "0", "-o", tmp_path / "w.npz")
+    assert result.exit_code == 0, result.stderr
+    summary = {k.strip(): v for k, v in (line.split(" : ", 1)
+                                         for line in result.stdout.splitlines())}
+    missing, total = budget.records_missing, budget.records_missing + budget.records_used
+    assert summary["Records"] == (f"{budget.records_used} used, {missing} "
+                                       "participation(s) not stored by the policy (listed "
+                                       "in the warning above)")
+    result_line = summary["Result"]
+    assert result_line.startswith(f"APPROXIMATE: {missing} of {total} participation(s)")
+    assert "not stored by the policy (medu)" in result_line
+    assert f"within the error budget, {budget.bound(3.0):.4g} (L2)" in result_line
+    assert "--strict" in result_line
+
+    exact = cli("unlearn", archives["full"], "-u", "mallory", "-o", tmp_path / "f.npz")
+    assert "Result       : exact (every record used is stored losslessly)" in exact.stdout
+    lossy = cli("unlearn", archives["lattice"], "-u", "mallory", "-o", tmp_path / "l.npz")
+    assert "Result       : approximate: the records are lossy-coded" in lossy.stdout
+    assert "APPROXIMATE" not in lossy.stdout and lossy.stderr == ""
+    acc = cli("unlearn", archives["acc"], "-u", "0", "-o", tmp_path / "a.npz")
+    assert "Result       : exact (the per-user accumulator)" in acc.stdout
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_unlearn_strict_refuses_missing_records(archives: dict[str, Path], tmp_path: Path,
+                                                as_json: bool) -> None:
+    with medustore.open(archives["medu"]) as store:
+        budget = store.error_budget([0])
+    assert budget.records_missing > 0
+    out = tmp_path / "w.safetensors"
+    result = cli("unlearn", archives["medu"], "-u", "0", "-o", out, "--strict",
+                 *(["--json"] if as_json else []))
+    line = assert_error(result, EXIT_INCOMPLETE)  # one line: no warning besides it
+    assert EXIT_INCOMPLETE == 7
+    assert result.stdout == ""
+    assert f"--strict: {budget.records_missing} participation(s)" in line
+    assert "not stored by the archive's policy (medu)" in line and "nothing was written" in line
+    assert f"{budget.bound(3.0):.4g}" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # not even a temporary file
+
+
+def test_unlearn_strict_passes_complete_answers(archives: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    """--strict refuses only records the policy did not store: lossless, lattice-coded and
+    accumulator answers, and a window where the user's records are all stored, pass."""
+    cases = [("full", ["-u", "mallory"]), ("lattice", ["-u", "mallory"]),
+             ("acc", ["-u", "0"])]
+    with medustore.open(archives["medu"]) as store:
+        stored = [(u, t) for u in store.users for t in store.participation(u)
+                  if store.error_budget([u], rounds=(t, t + 1)).records_missing == 0]
+    assert stored, "medu keeps some record"
+    u, t = stored[0]
+    cases.append(("medu", ["-u", str(u), "--rounds", f"{t}:{t + 1}"]))
+    for name, args in cases:
+        out = tmp_path / f"{name}.npz"
+        result = cli("unlearn", archives[name], *args, "-o", out, "--strict", "--json")
+        assert result.exit_code == 0, (name, result.stderr)
+        assert json.loads(result.stdout)["complete"] is True
+        assert out.exists()
 
 
 def test_unlearn_exact_accumulator(archives: dict[str, Path], tmp_path: Path) -> None:
@@ -760,6 +926,9 @@ def test_subprocess_errors(archives: dict[str, Path], tmp_path: Path) -> None:
     assert_error(run("unlearn", archives["full"], "-o", tmp_path / "w.npz"), 2)
     assert_error(run("inspect", archives["full"], "--as-of-round", "2"), 6)
     assert_error(run("inspect", archives["full"], "--storage-option", "nope"), 2)
+    assert_error(run("unlearn", archives["medu"], "-u", "0", "--strict", "-o",
+                     tmp_path / "w.npz"), 7)
+    assert not (tmp_path / "w.npz").exists()
     f1 = tmp_path / "f1"
     with zipfile.ZipFile(FORMAT1_ZIP) as zf:
         zf.extractall(f1)

@@ -8,6 +8,16 @@ import numpy as np
 import pytest
 
 from medustore import ModelLayout
+from medustore.layout import OUTPUT_KINDS, check_output_kind
+
+try:
+    import torch
+except ImportError:  # the Python 3.12 CI lane runs without torch
+    torch = None
+
+#: Not a module-level importorskip: that would skip this whole module, numpy tests included.
+needs_torch = pytest.mark.skipif(
+    torch is None, reason="needs torch (pip install 'medustore[torch]'); not installed")
 
 
 def np_model() -> dict[str, np.ndarray]:
@@ -117,23 +127,44 @@ def test_unflatten_rejects_unknown_output() -> None:
         lay.unflatten(np.zeros(3), "jax")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("template", [np.zeros(3), {"w": np.zeros((2, 2))}])
+def test_out_torch_is_refused_naming_state_dict(template: object) -> None:
+    """One name for torch output: ``"state_dict"``; the old synonym ``"torch"`` is refused
+    (before torch is even imported, so the message is the same without torch)."""
+    lay = ModelLayout.from_template(template)
+    with pytest.raises(ValueError, match=r"out='torch'.*out='state_dict'"):
+        lay.unflatten(np.zeros(lay.size), "torch")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="state_dict"):
+        check_output_kind("torch")
+
+
+def test_output_kinds() -> None:
+    assert OUTPUT_KINDS == ("numpy", "flat", "state_dict")
+    for out in OUTPUT_KINDS:
+        check_output_kind(out)
+    for bad in ("Torch", "pandas", "", None, 3, ("numpy",)):
+        with pytest.raises(ValueError, match="'numpy', 'flat' or 'state_dict'"):
+            check_output_kind(bad)
+
+
 # ---------------------------------------------------------------------------- torch
 
 
-torch = pytest.importorskip("torch")
+def _net() -> torch.nn.Module:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 3)
+            self.bn = torch.nn.BatchNorm1d(3)  # float buffers and an int64 counter
+            self.head = torch.nn.Linear(3, 2).double()
+
+    return Net()
 
 
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(5, 3)
-        self.bn = torch.nn.BatchNorm1d(3)  # float buffers and an int64 counter
-        self.head = torch.nn.Linear(3, 2).double()
-
-
+@needs_torch
 def test_torch_module_and_state_dict_templates() -> None:
     torch.manual_seed(0)
-    net = Net()
+    net = _net()
     sd = net.state_dict()
     a, b = ModelLayout.from_template(net), ModelLayout.from_template(sd)
     assert a == b
@@ -145,19 +176,22 @@ def test_torch_module_and_state_dict_templates() -> None:
         assert isinstance(out[name], torch.Tensor)
         assert out[name].dtype == tensor.dtype and out[name].shape == tensor.shape
         assert torch.equal(out[name], tensor)
-    assert a.unflatten(vec, "torch").keys() == out.keys()
-    Net().load_state_dict(out)  # strict: names, shapes (the 0-d counter too) and dtypes fit
+    with pytest.raises(ValueError, match="state_dict"):
+        a.unflatten(vec, "torch")  # type: ignore[arg-type]
+    _net().load_state_dict(out)  # strict: names, shapes (the 0-d counter too) and dtypes fit
 
 
+@needs_torch
 def test_torch_flat_template_returns_a_tensor() -> None:
     lay = ModelLayout.from_template(torch.zeros(4, dtype=torch.float64))
-    out = lay.unflatten(np.arange(4.0), "torch")
+    out = lay.unflatten(np.arange(4.0), "state_dict")
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
     assert torch.equal(out, torch.arange(4.0, dtype=torch.float64))
 
 
+@needs_torch
 def test_torch_update_errors_name_the_tensor() -> None:
-    net = Net()
+    net = _net()
     lay = ModelLayout.from_template(net)
     upd = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
     upd["fc.weight"] = torch.zeros(5, 3)

@@ -103,6 +103,23 @@ def _remove_staging(root: Path, before: dt.datetime) -> None:
             p.unlink(missing_ok=True)
 
 
+#: Counters of Icechunk's garbage-collection summary (any non-zero: there is garbage).
+_GC_FIELDS = ("chunks_deleted", "manifests_deleted", "snapshots_deleted",
+              "attributes_deleted", "transaction_logs_deleted", "bytes_deleted")
+
+
+def _remove_repo_backups(root: Path, before: dt.datetime) -> None:
+    """Delete Icechunk 2's backups of its repository-info object (``overwritten/repo.*``,
+    one per commit, each as large as the whole ops log): no read, commit or expiry uses
+    them, and they would grow a compacted archive by O(history) bytes per round."""
+    limit = before.timestamp()
+    folder = root / "overwritten"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and p.name.startswith("repo.") and p.stat().st_mtime < limit:
+                p.unlink(missing_ok=True)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -224,13 +241,19 @@ class Repository:
         return zarr.open_group(session.store, mode="r"), session.snapshot_id
 
     def versions(self) -> list[tuple[int, str]]:
-        """``(round, snapshot id)`` of every kept round version, newest first."""
-        out = []
+        """``(round, snapshot id)`` of every kept round version, newest first: the branch's
+        history and the tagged rounds. (Icechunk 1 keeps an expired tagged snapshot under
+        its tag only, Icechunk 2 also in the branch's history: both read the same here.)"""
+        kept: dict[str, int] = {}
         for info in self._repo.ancestry(branch=BRANCH):
             meta = (info.metadata or {}).get("medustore")
             if isinstance(meta, dict) and isinstance(meta.get("round"), int):
-                out.append((meta["round"], info.id))
-        return out
+                kept.setdefault(info.id, meta["round"])
+        for name in self._repo.list_tags():
+            tagged = re.fullmatch(r"round-(\d+)", name)
+            if tagged:
+                kept.setdefault(self._repo.lookup_tag(name), int(tagged.group(1)))
+        return sorted(((t, sid) for sid, t in kept.items()), key=lambda v: v[0], reverse=True)
 
     def snapshot_of(self, round: int) -> str:
         """The snapshot id of the version committed by ``round``."""
@@ -305,13 +328,21 @@ class Repository:
         while keep + 1 < len(snaps) and snaps[keep].written_at > limit:
             keep += 1  # snapshot keep+1 was replaced by snaps[keep] within the grace
         cutoff = snaps[keep].written_at
+        # Icechunk 2 records every expiry and collection in its ops log (a write, even when
+        # nothing changes): run each only when it has work, so that opening a writer, or a
+        # refused round, leaves the archive byte-identical as on Icechunk 1.
         try:
-            self._repo.expire_snapshots(cutoff)
-            summary = self._repo.garbage_collect(cutoff)
+            tagged = {self._repo.lookup_tag(name) for name in self._repo.list_tags()}
+            if any(s.id not in tagged for s in snaps[keep + 1:-1]):  # snaps[-1]: the root
+                self._repo.expire_snapshots(cutoff)
+            summary = self._repo.garbage_collect(cutoff, dry_run=True)
+            if any(getattr(summary, field, 0) for field in _GC_FIELDS):
+                summary = self._repo.garbage_collect(cutoff)
         except icechunk.IcechunkError as err:
             raise DamagedArchiveError(f"{self.location.text}: compaction failed: {err}") from err
         if self.location.kind == "local":
             _remove_staging(self.location.path, cutoff)
+            _remove_repo_backups(self.location.path, cutoff)
         return summary
 
     def nbytes(self) -> int | None:

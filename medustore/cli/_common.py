@@ -33,6 +33,7 @@ from medustore.store import UpdateStore, UserId, open_store
 
 __all__ = [
     "EXIT_DAMAGED",
+    "EXIT_INCOMPLETE",
     "EXIT_IO",
     "EXIT_NOT_ARCHIVE",
     "EXIT_OK",
@@ -72,6 +73,9 @@ EXIT_IO = 5
 #: ``--as-of-round T``: the archive keeps no version as of round T (retention expired it,
 #: the round was never committed, or the archive is a plain Zarr snapshot).
 EXIT_VERSION_NOT_KEPT = 6
+#: ``unlearn --strict``: the archive's policy did not store some records of the removed users,
+#: so the answer would only be approximate (within the error budget); nothing was written.
+EXIT_INCOMPLETE = 7
 
 _PREFIX = "medustore: error: "
 _HINT = "run 'medustore verify ARCHIVE' to locate the damage"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import click
@@ -9,6 +13,9 @@ import numpy as np
 
 from medustore import __version__
 from medustore.cli._common import (
+    EXIT_DAMAGED,
+    EXIT_NOT_ARCHIVE,
+    CliError,
     MedustoreCommand,
     archive_options,
     command_errors,
@@ -25,7 +32,8 @@ from medustore.index import ArchiveIndex
 from medustore.replay import error_budget
 from medustore.store import UpdateStore
 
-__all__ = ["archive_summary", "format_summary", "inspect_command"]
+__all__ = ["archive_summary", "folder_listing", "format_folder", "format_summary",
+           "inspect_command"]
 
 #: ``k`` of the error bound shown: ``deterministic + k * rms``.
 BOUND_K = 3.0
@@ -268,6 +276,120 @@ def format_summary(s: dict[str, Any], *, rounds_table: bool = False,
     return "\n\n".join(parts)
 
 
+# ---------------------------------------------------------------------- folders
+
+
+def _looks_like_archive(path: Path) -> bool:
+    """Whether ``path`` may hold an archive, from its names alone (nothing is opened): an
+    Icechunk repository, a Zarr group carrying medustore's attributes (a plain snapshot, or
+    a format-1 archive), or a zip file."""
+    if path.name.startswith("."):  # hidden: temporary names of exports in progress
+        return False
+    if path.is_file():
+        return path.suffix.lower() == ".zip" and zipfile.is_zipfile(path)
+    if not path.is_dir():
+        return False
+    if (path / "snapshots").is_dir() and any(
+            (path / marker).exists() for marker in ("repo", "config.yaml", "refs")):
+        return True
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and meta.get("node_type") == "group"
+            and "medustore" in (meta.get("attributes") or {}))
+
+
+def _folder_entry(path: Path) -> dict[str, Any] | None:
+    """One archive of a folder for the listing; None when it turns out not to be one."""
+    entry: dict[str, Any] = {"name": path.name, "path": str(path), "format": None,
+                             "storage": None, "rounds": None, "first": None, "last": None,
+                             "users": None, "bytes": None, "problem": None}
+    try:
+        with open_archive(str(path)) as store, reading():
+            rounds = store.rounds
+            entry.update(
+                format=store.index.settings.format,
+                storage="plain zarr snapshot" if store.snapshot_id is None
+                else "icechunk repository",
+                rounds=len(rounds), first=rounds[0] if rounds else None,
+                last=rounds[-1] if rounds else None, users=len(store.users),
+                bytes=store.nbytes_stored())
+    except CliError as err:
+        message = err.format_message()
+        if err.exit_code == EXIT_NOT_ARCHIVE and "format-1" in message:
+            entry.update(format=1, storage="plain zarr (medustore 0.1)",
+                         problem=f"convert it with 'medustore upgrade {path} NEW_ARCHIVE'")
+        elif err.exit_code == EXIT_NOT_ARCHIVE:
+            return None  # an Icechunk repository or zip of something else
+        else:
+            entry["problem"] = message
+            if err.exit_code == EXIT_DAMAGED:
+                entry["problem"] = f"{message.split(';')[0]}; run 'medustore verify {path}'"
+    except Exception as err:  # noqa: BLE001 - one archive must not hide the others
+        detail = " ".join((str(err) or type(err).__name__).split())
+        entry["problem"] = detail if detail.startswith("damaged archive") else \
+            f"damaged archive: {detail}"
+    if entry["bytes"] is None:
+        entry["bytes"] = _du(path)
+    return entry
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def folder_listing(folder: str) -> dict[str, Any] | None:
+    """The archives directly inside local folder ``folder``, as a JSON-ready dict with keys
+    ``folder`` and ``archives`` (each: ``name``, ``path``, ``format``, ``storage``,
+    ``rounds``, ``first``, ``last``, ``users``, ``bytes``, ``problem``); None when it holds
+    none. Only names are looked at first; each candidate is then opened read-only."""
+    try:
+        children = sorted(Path(folder).iterdir(), key=lambda p: p.name)
+    except OSError:
+        return None
+    found = [e for p in children if _looks_like_archive(p)
+             for e in [_folder_entry(p)] if e is not None]
+    return {"folder": folder, "archives": found} if found else None
+
+
+def format_folder(listing: dict[str, Any]) -> str:
+    """The text ``inspect`` prints for a folder holding archives."""
+    items = listing["archives"]
+    n = len(items)
+    rows = []
+    for e in items:
+        span = "-" if e["rounds"] is None else (
+            f"{e['rounds']} ({e['first']}..{e['last']})" if e["rounds"] else "0")
+        rows.append([e["name"], "-" if e["format"] is None else str(e["format"]),
+                     e["storage"] or "-", span,
+                     "-" if e["users"] is None else str(e["users"]),
+                     human_bytes(e["bytes"]), e["problem"] or ""])
+    headers = ["archive", "format", "storage", "rounds", "users", "bytes", "note"]
+    right = [False, True, False, True, True, True, False]
+    if not any(e["problem"] for e in items):  # no note to show
+        headers, right, rows = headers[:-1], right[:-1], [r[:-1] for r in rows]
+    table = format_table(headers, rows, right=right)
+    first = os.path.join(listing["folder"], items[0]["name"])
+    return (f"{listing['folder']} is a folder, not an archive; it holds {n} "
+            f"archive{'s' * (n != 1)}:\n\n{table}\n\n"
+            f"Inspect one with: medustore inspect {first}")
+
+
+def _inspect_folder(archive: str, err: CliError, as_of_round: int | None) -> dict | None:
+    """The listing when ``archive`` is a local folder holding archives, else None."""
+    if err.exit_code != EXIT_NOT_ARCHIVE or "://" in archive or not os.path.isdir(archive):
+        return None
+    listing = folder_listing(archive)
+    if listing is not None and as_of_round is not None:
+        names = ", ".join(e["name"] for e in listing["archives"])
+        raise CliError(f"{archive} is a folder, not an archive: --as-of-round reads one "
+                       f"archive; name one of those it holds ({names})", EXIT_NOT_ARCHIVE)
+    return listing
+
+
 @click.command("inspect", cls=MedustoreCommand)
 @click.argument("archive")
 @click.option("--rounds", "rounds_table", is_flag=True, help="Add the per-round table.")
@@ -286,11 +408,25 @@ def inspect_command(archive: str, rounds_table: bool, users_table: bool, top: in
 
     The error budget is, over the users, the L2 bound (deterministic + 3 rms) between the
     model unlearned from this archive and the exact replay, for removing that user alone.
+
+    A local folder that is no archive but holds some (such as the one 'medustore demo --out
+    DIR' writes) lists them instead: name, format, rounds, users and bytes.
     """
-    with command_errors(), open_archive(archive, as_of_round=as_of_round,
-                                        storage_options=storage_options) as store:
-        with reading():
-            summary = archive_summary(store, top=top, name=archive, as_of_round=as_of_round)
+    try:
+        with command_errors(), open_archive(archive, as_of_round=as_of_round,
+                                            storage_options=storage_options) as store:
+            with reading():
+                summary = archive_summary(store, top=top, name=archive,
+                                          as_of_round=as_of_round)
+    except CliError as err:
+        listing = _inspect_folder(archive, err, as_of_round)
+        if listing is None:
+            raise
+        if as_json:
+            echo_json(listing)
+        else:
+            click.echo(format_folder(listing))
+        return
     if as_json:
         echo_json(summary)
         return

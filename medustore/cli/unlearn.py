@@ -15,6 +15,7 @@ import numpy as np
 
 from medustore import replay
 from medustore.cli._common import (
+    EXIT_INCOMPLETE,
     EXIT_USAGE,
     CliError,
     MedustoreCommand,
@@ -147,15 +148,31 @@ def _arrays(store: UpdateStore, weights: Any) -> dict[str, np.ndarray]:
     return {name: np.asarray(a) for name, a in weights.items()}
 
 
+def _incomplete(p: Plan) -> bool:
+    """Whether the replay lacks records of the removed users (the accumulator needs none)."""
+    return p.method == "replay" and p.budget.records_missing > 0
+
+
+def _missing_head(store: UpdateStore, p: Plan) -> str:
+    return (f"{p.budget.records_missing} participation(s) of the removed users were not "
+            f"stored by the archive's policy ({store.policy.name}): {_missing_text(p.budget)}")
+
+
 def _warn_missing(store: UpdateStore, p: Plan) -> None:
     """Name the records the replay cannot use (the accumulator needs none)."""
     budget = p.budget
-    if p.method == "replay" and budget.records_missing:
-        warn(f"{budget.records_missing} participation(s) of the removed users were not "
-             f"stored by the archive's policy ({store.policy.name}): "
-             f"{_missing_text(budget)}; the weights may differ from exact unlearning "
+    if _incomplete(p):
+        warn(f"{_missing_head(store, p)}; the weights may differ from exact unlearning "
              f"by up to {budget.deterministic:.4g} (L2) plus lattice noise of RMS "
              f"{budget.rms:.4g}")
+
+
+def _refuse_incomplete(store: UpdateStore, p: Plan) -> None:
+    """``--strict``: fail (exit `EXIT_INCOMPLETE`) before decoding or writing anything."""
+    if _incomplete(p):
+        raise CliError(f"--strict: {_missing_head(store, p)}; the answer would only be "
+                       f"approximate (error budget {_budget_text(p.budget)}, L2); "
+                       "nothing was written", EXIT_INCOMPLETE)
 
 
 def _run(store: UpdateStore, p: Plan, progress: bool | None) -> Any:
@@ -177,15 +194,33 @@ def _summary_json(archive: str, p: Plan, rounds: list[int], window: str | None,
         "budget": _budget_json(p.budget), "complete": p.budget.records_missing == 0}
 
 
+def _result_text(p: Plan, policy: str) -> str:
+    """Exact or approximate, in plain words: the summary's ``Result`` line."""
+    budget = p.budget
+    if p.method == "accumulator":
+        return "exact (the per-user accumulator)"
+    if budget.exact:
+        return "exact (every record used is stored losslessly)"
+    if budget.records_missing:
+        total = budget.records_missing + budget.records_used
+        return (f"APPROXIMATE: {budget.records_missing} of {total} participation(s) of the "
+                f"removed users were not stored by the policy ({policy}); the weights lie "
+                f"within the error budget, {budget.bound(3.0):.4g} (L2), of exact unlearning "
+                "(--strict refuses instead)")
+    return (f"approximate: the records are lossy-coded; the weights lie within the error "
+            f"budget, {budget.bound(3.0):.4g} (L2), of exact unlearning")
+
+
 def _summary_text(p: Plan, rounds: list[int], output: dict[str, Any],
-                  as_of_round: int | None) -> str:
+                  as_of_round: int | None, policy: str) -> str:
     budget = p.budget
     if p.method == "accumulator":
         records = "none read: the exact per-user accumulator answers"
     else:
         records = f"{budget.records_used} used"
         if budget.records_missing:
-            records += f", {budget.records_missing} not stored (see the warning above)"
+            records += (f", {budget.records_missing} participation(s) not stored by the "
+                        "policy (listed in the warning above)")
     if not budget.rounds:
         records += "; the users took no part in these rounds: the weights are w_T"
     span = f"{rounds[0]}..{rounds[-1]}" if rounds else "none"
@@ -199,6 +234,7 @@ def _summary_text(p: Plan, rounds: list[int], output: dict[str, Any],
         ("Method", "exact per-user accumulator" if p.method == "accumulator"
          else "replay of the stored records"),
         ("Records", records),
+        ("Result", _result_text(p, policy)),
         ("Error budget", "0 (exact per-user accumulator)" if p.method == "accumulator"
          else _budget_text(budget) + " (L2)"),
         ("Output", f"{output['path']} ({output['format']}, {n} tensor{'s' * (n != 1)}, "
@@ -222,17 +258,20 @@ def _summary_text(p: Plan, rounds: list[int], output: dict[str, Any],
               help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary on stdout (warnings still go to stderr).")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 7, nothing written) when the policy did not store some "
+                   "records of the removed users, instead of writing the approximate answer.")
 @archive_options
 def unlearn_command(archive: str, user_args: tuple[str, ...], window: str | None, alpha: float,
-                    output: str, progress: bool | None, as_json: bool,
+                    output: str, progress: bool | None, as_json: bool, strict: bool,
                     as_of_round: int | None, storage_options: dict[str, str]) -> None:
     """Remove users from the model recorded in ARCHIVE and write the weights to FILE.
 
     Prints the replay's plan (method: the exact per-user accumulator or the replay of the
     stored records) and its error budget: an L2 bound on the distance to the exact replay
     (deterministic part from records the policy did not store, plus 3 x the RMS of the
-    lattice noise). Records the policy dropped are reported on stderr, never silently
-    ignored.
+    lattice noise). Records the policy dropped are reported on stderr and in the summary,
+    never silently ignored; with --strict they are an error (exit 7) and nothing is written.
     """
     with command_errors():
         fmt = output_format(output)
@@ -251,7 +290,10 @@ def unlearn_command(archive: str, user_args: tuple[str, ...], window: str | None
             with reading("planning the replay"):
                 p = replay.plan(store, users, rounds=window, alpha=alpha)
             rounds = _plan_rounds(store, p, window)
+            if strict:
+                _refuse_incomplete(store, p)
             _warn_missing(store, p)
+            policy = store.policy.name
             arrays = _arrays(store, _run(store, p, progress))
             meta = {"medustore.archive": str(archive),
                     "medustore.as_of_round": "" if as_of_round is None else str(as_of_round),
@@ -266,4 +308,4 @@ def unlearn_command(archive: str, user_args: tuple[str, ...], window: str | None
     if as_json:
         echo_json(_summary_json(str(archive), p, rounds, window, written, as_of_round))
     else:
-        click.echo(_summary_text(p, rounds, written, as_of_round))
+        click.echo(_summary_text(p, rounds, written, as_of_round, policy))
