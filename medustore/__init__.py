@@ -21,6 +21,7 @@ from medustore.errors import (
 from medustore.index import ArchiveIndex
 from medustore.layout import ModelLayout
 from medustore.policy import PRESETS, MeduPolicy
+from medustore.recover import RecoverOptions, Recovery, RecoveryReport, RecoveryWarning
 from medustore.replay import ErrorBudget, IncompleteUnlearningWarning, Plan
 from medustore.store import FORMAT_VERSION, UpdateStore, open_store
 
@@ -42,6 +43,10 @@ __all__ = [
     "NotAnArchiveError",
     "Plan",
     "ReadOnlyError",
+    "RecoverOptions",
+    "Recovery",
+    "RecoveryReport",
+    "RecoveryWarning",
     "Retention",
     "UnknownUserError",
     "UnsupportedFormatError",

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medustore.index import ArchiveIndex, parse_round
-from medustore.layout import OutputKind
+from medustore.layout import OutputKind, check_output_kind
 
 if TYPE_CHECKING:
     from medustore.archive.reader import ArchiveReader
@@ -276,7 +276,8 @@ def _progress(progress: bool | None, total: int, desc: str) -> tqdm:
 
 def unlearn(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
             out: OutputKind = "numpy", progress: bool | None = None,
-            exact_accumulator: bool | None = None, client: Any = None) -> Any:
+            exact_accumulator: bool | None = None, client: Any = None,
+            method: str = "replay", exact_round: Any = None, **recover_options: Any) -> Any:
     """The model with the contribution of ``users`` removed.
 
     Parameters
@@ -291,7 +292,7 @@ def unlearn(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
     alpha
         Fast-FedUL skew factor (0 = the plain closed form).
     out
-        ``"numpy"`` (dict of arrays), ``"flat"``, ``"torch"`` or ``"state_dict"``.
+        ``"numpy"`` (dict of arrays), ``"flat"`` or ``"state_dict"`` (dict of torch tensors).
     progress
         Show a progress bar on stderr (default: when stderr is a terminal).
     exact_accumulator
@@ -300,13 +301,35 @@ def unlearn(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
     client
         A ``dask.distributed.Client``: split the replay by model slice across its workers,
         which open the archive themselves (`medustore.distributed`); the same answer.
+    method
+        ``"replay"`` (default): the closed form above. ``"recover"``: replay training from
+        ``w_0`` without the users, estimating the remaining users' updates at the new model
+        from the archive (`medustore.recover`; no error bound; ``alpha`` 0, no ``client``).
+        It returns the model only; `medustore.recover.recover` returns it with its report.
+    exact_round, recover_options
+        With ``method="recover"``: the client-round callback and `RecoverOptions` fields
+        (``history``, ``damping``, ``final``, ...), see `medustore.recover.recover`.
 
     Warns
     -----
     IncompleteUnlearningWarning
         When records of the users were not stored; the answer then differs from the exact
         replay by at most `error_budget(...).deterministic` (plus the lattice noise).
+    RecoveryWarning
+        With ``method="recover"``, when a safeguard of the estimation fired.
     """
+    check_output_kind(out)  # before the replay runs, not after
+    if method == "recover":
+        if alpha != 0.0 or exact_accumulator or client is not None:
+            raise ValueError("method 'recover' takes no alpha, exact_accumulator or client")
+        from medustore.recover import recover
+
+        return recover(source, users, rounds=rounds, exact_round=exact_round, out=out,
+                       progress=progress, **recover_options).model
+    if method != "replay":
+        raise ValueError(f"method must be 'replay' or 'recover', got {method!r}")
+    if exact_round is not None or recover_options:
+        raise ValueError("exact_round and recovery options apply to method='recover' only")
     if client is not None:
         from medustore import distributed
 

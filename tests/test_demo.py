@@ -423,3 +423,69 @@ def test_demo_config_rejects_bad_recovery_rounds() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="recovery_rounds"):
             DemoConfig(recovery_rounds=bad)
+
+
+# ---------------------------------------------------------------------- --method, --out
+
+def test_demo_recover_reports_recovered_models(tmp_path: Path) -> None:
+    code, stdout, _ = _demo(*SMALL_DEMO, "--json", "--policy", "full", "--recovery-rounds",
+                            "0", "--method", "recover", "--client-rounds", "1")
+    assert code == 0, stdout
+    summary = json.loads(stdout)
+    assert summary["method"] == "recover" and summary["config"]["client_rounds"] == 1
+    assert summary["models"].keys() == MODEL_KEYS
+    rec = summary["recovery"]["full"]
+    # 3 rounds of 3 remaining users; the last one trained for real.
+    assert rec["client_rounds"] == 3 and rec["retrain_client_rounds"] == 9
+    assert rec["rounds_exact"] == 1 and rec["l2_to_closed_form"] > 0
+    assert summary["closed_form"].keys() == {"unlearned_full", "unlearned_compressed"}
+    models = summary["models"]
+    assert models["unlearned_full"]["backdoor_success"] < models["poisoned"]["backdoor_success"]
+    # Same seed, closed form: the same retrained and poisoned models, other unlearned ones.
+    code, stdout, _ = _demo(*SMALL_DEMO, "--json", "--policy", "full", "--recovery-rounds", "0")
+    replay = json.loads(stdout)
+    assert replay["method"] == "replay" and "recovery" not in replay
+    assert replay["models"]["retrain"] == models["retrain"]
+    assert replay["models"]["unlearned_full"] == summary["closed_form"]["unlearned_full"]
+
+
+def test_demo_recover_prints_its_table() -> None:
+    code, stdout, _ = _demo(*SMALL_DEMO, "--policy", "full", "--recovery-rounds", "0",
+                            "--method", "recover")
+    assert code == 0, stdout
+    for label in ("recovered from full", "Recovery (no error bound", "client rounds of 9",
+                  "L2 to the closed form"):
+        assert label in stdout
+    assert "predicted" not in stdout  # the closed form's bound is not recovery's
+
+
+def test_demo_out_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "archives"
+    args = [*SMALL_DEMO, "--json", "--policy", "full", "--recovery-rounds", "0", "--rounds", "1",
+            "--out", str(out)]
+    code, stdout, _ = _demo(*args)
+    assert code == 0, stdout
+    before = (out / "full.zarr").stat().st_mtime_ns
+    code, stdout, stderr = _demo(*args)
+    assert code == 2 and stdout == ""
+    assert "already exist" in stderr and "--force" in stderr
+    assert (out / "full.zarr").stat().st_mtime_ns == before
+    code, stdout, _ = _demo(*args, "--force")
+    assert code == 0, stdout
+    from medustore.demo.run import DemoConfig, run_demo
+
+    with pytest.raises(FileExistsError, match="force"):
+        run_demo(DemoConfig(users=4, rounds=1, recovery_rounds=0), out=out)
+
+
+def test_demo_config_rejects_bad_methods() -> None:
+    from medustore.demo.run import DemoConfig
+
+    with pytest.raises(ValueError, match="method"):
+        DemoConfig(method="retrain")
+    with pytest.raises(ValueError, match="client_rounds"):
+        DemoConfig(client_rounds=1)  # the closed form asks no client
+    with pytest.raises(ValueError, match="client_rounds"):
+        DemoConfig(method="recover", rounds=2, client_rounds=3)
+    code, _, stderr = _demo("--method", "retrain")
+    assert code == 2 and "method" in stderr

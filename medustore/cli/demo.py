@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from medustore.cli._common import (
+    EXIT_USAGE,
+    CliError,
     MedustoreCommand,
     command_errors,
     echo_json,
@@ -27,19 +29,23 @@ def format_summary(summary: dict[str, Any]) -> str:
     c, s, e = summary["config"], summary["storage"], summary["error"]
     p = e["predicted"]
     policy = c["policy"]
+    method = c.get("method", "replay")
+    verb = "recovered" if method == "recover" else "unlearned"
+    cr = c.get("client_rounds", 0)
+    how = f", {cr} client round{'s' if cr != 1 else ''}" if method == "recover" and cr else ""
     labels = {
         "poisoned": "poisoned (w_T)",
         "retrain": "retrain from scratch",
-        "unlearned_full": "unlearned from full",
-        "unlearned_compressed": f"unlearned from {policy}",
+        "unlearned_full": f"{verb} from full{how}",
+        "unlearned_compressed": f"{verb} from {policy}{how}",
     }
     k = c.get("recovery_rounds", 0)
     if k:
         plus = f" + {k} recovery round{'s' if k != 1 else ''}"
         labels.update({
             "retrain_recovered": f"retrain{plus}",
-            "unlearned_full_recovered": f"unlearned from full{plus}",
-            "unlearned_compressed_recovered": f"unlearned from {policy}{plus}",
+            "unlearned_full_recovered": f"{verb} from full{plus}",
+            "unlearned_compressed_recovered": f"{verb} from {policy}{plus}",
             "poisoned_recovered": f"poisoned{plus} (no unlearning)",
         })
     shown = [key for key in labels if key in summary["models"]]
@@ -76,17 +82,43 @@ def format_summary(summary: dict[str, Any]) -> str:
         storage,
         f"policy {s['policy']}",
         "",
-        f"L2 distance from {policy} unlearning to full unlearning:",
-        f"  predicted  {p['deterministic']:.4g} (deterministic) + 3 x {p['rms']:.4g} "
-        f"(lattice rms) = {p['bound_3sigma']:.4g}",
-        f"  measured   {e['measured_l2']:.4g}",
-        f"  for scale: full unlearning to retrain {e['full_vs_retrain_l2']:.4g}, "
-        f"poisoned to retrain {e['poisoned_vs_retrain_l2']:.4g}",
+        *(_recovery_lines(summary) if method == "recover" else [
+            f"L2 distance from {policy} unlearning to full unlearning:",
+            f"  predicted  {p['deterministic']:.4g} (deterministic) + 3 x {p['rms']:.4g} "
+            f"(lattice rms) = {p['bound_3sigma']:.4g}",
+            f"  measured   {e['measured_l2']:.4g}"]),
+        f"  for scale: full {'recovery' if method == 'recover' else 'unlearning'} to retrain "
+        f"{e['full_vs_retrain_l2']:.4g}, poisoned to retrain {e['poisoned_vs_retrain_l2']:.4g}",
         "",
         f"{summary['seconds']:.1f} s"
         + (f"; archives kept in {summary['out']}" if summary["out"] else ""),
     ]
     return "\n".join(lines)
+
+
+def _recovery_lines(summary: dict[str, Any]) -> list[str]:
+    """What recovery used, per archive, and how far it is from the closed form."""
+    c, e = summary["config"], summary["error"]
+    rec = summary.get("recovery", {})
+    closed = summary.get("closed_form", {})
+    names = {"full": "full", "compressed": c["policy"]}
+    lines = ["Recovery (no error bound; the closed form's models for scale):"]
+    for key, name in names.items():
+        r = rec.get(key)
+        if r is None:
+            continue
+        cf = closed.get(f"unlearned_{key}")
+        cf_text = (f"; closed form {cf['clean_accuracy']:.1%} clean, "
+                   f"{cf['backdoor_success']:.1%} backdoor" if cf else "")
+        fired = "; safeguards fired" if r.get("warnings") else ""
+        lines.append(f"  {name}: {r['rounds_estimated']} rounds estimated, "
+                     f"{r['client_rounds']} client rounds of {r['retrain_client_rounds']} "
+                     f"for retraining, L2 to the closed form {r['l2_to_closed_form']:.4g}"
+                     f"{cf_text}{fired}")
+    lines.append(f"L2 distance from {c['policy']} recovery to full recovery: "
+                 f"{e['measured_l2']:.4g} (closed form: "
+                 f"{e.get('closed_form_measured_l2', float('nan')):.4g})")
+    return lines
 
 
 @click.command("demo", cls=MedustoreCommand)
@@ -124,14 +156,26 @@ def format_summary(summary: dict[str, Any]) -> str:
               help="After unlearning, FedAvg rounds the remaining users train from each "
                    "model (retrained and poisoned models too, for a fair comparison), shown "
                    "as extra rows; 0: none.")
+@click.option("--method", default="replay", show_default=True,
+              type=click.Choice(["replay", "recover"]),
+              help="Unlearning reported: 'replay', the closed form with its error bound; "
+                   "'recover', training replayed without the malicious users, the others' "
+                   "updates estimated from the archive (no bound).")
+@click.option("--client-rounds", default=0, show_default=True, type=click.IntRange(0),
+              help="With --method recover: the last N rounds are trained by the remaining "
+                   "users for real (final tuning); 0 asks nothing of them.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Keep the archives (full.zarr, compressed.zarr) in this folder "
-                   "[default: a temporary folder, removed].")
+                   "[default: a temporary folder, removed]. Archives already there are "
+                   "not overwritten without --force.")
+@click.option("--force", is_flag=True,
+              help="With --out: overwrite the archives of an earlier run.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the summary as one JSON document on stdout, nothing else.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars on stderr [default: when stderr is a terminal].")
-def demo_command(as_json: bool, out: str | None, progress: bool | None, **options: Any) -> None:
+def demo_command(as_json: bool, out: str | None, force: bool, progress: bool | None,
+                 **options: Any) -> None:
     """Train a federated model with a backdoored user, record it, unlearn that user.
 
     FedAvg on scikit-learn's digits (offline, PyTorch on CPU). Every round is recorded into
@@ -144,14 +188,23 @@ def demo_command(as_json: bool, out: str | None, progress: bool | None, **option
     for the attack, so it can end below retraining on clean accuracy; --recovery-rounds
     adds rows for a few more FedAvg rounds of the remaining users after unlearning (a
     calibration step that, unlike the unlearning, needs those users to take part again).
+    --method recover reports recovery instead: training replayed from w_0 without the
+    malicious users, the others' updates estimated from the archive (--client-rounds asks
+    them to train the last rounds for real).
     """
     try:
-        from medustore.demo.run import DemoConfig, run_demo
+        from medustore.demo.run import DemoConfig, existing_archives, run_demo
     except ImportError as err:
         raise click.ClickException(f"{_EXTRA} ({err})") from None
+    if out is not None and not force:
+        found = existing_archives(out)
+        if found:
+            verb = "exists" if len(found) == 1 else "exist"
+            raise CliError(f"{', '.join(map(str, found))} already {verb}; pass --force to "
+                           "overwrite", EXIT_USAGE)
     with command_errors():
         config = DemoConfig(**options)
-        summary = run_demo(config, out=out, progress=progress)
+        summary = run_demo(config, out=out, progress=progress, force=force)
     if as_json:
         echo_json(summary)
     else:

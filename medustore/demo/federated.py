@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from medustore.demo.data import Dataset
 
-__all__ = ["FedConfig", "OnRound", "State", "fedavg", "local_update", "participants"]
+__all__ = ["FedConfig", "OnRound", "State", "client_update", "fedavg", "local_update",
+           "participants"]
 
 State = dict[str, torch.Tensor]
 #: ``on_round(t, updates, weights)``: the round's updates ``h_t^u`` and weights ``p_u``.
@@ -111,6 +112,22 @@ def local_update(
         return {k: v.detach() - global_state[k] for k, v in model.state_dict().items()}
 
 
+def client_update(
+    model: nn.Module,
+    global_state: State,
+    users: Mapping[Hashable, Dataset],
+    user: Hashable,
+    t: int,
+    config: FedConfig,
+) -> State:
+    """The update ``user`` sends in round ``t`` when training from ``global_state``: the
+    same batches as in `fedavg`'s round ``t`` (its stream depends on ``(seed, t, position
+    of the user in users)`` only). ``model`` is a workspace."""
+    i = list(users).index(user)
+    generator = torch.Generator().manual_seed(_seed(config.seed, t, i + 1))
+    return local_update(model, global_state, users[user], config, generator)
+
+
 def fedavg(
     model: nn.Module,
     users: Mapping[Hashable, Dataset],
@@ -171,8 +188,7 @@ def fedavg(
             user = ids[i]
             if user in exclude:
                 continue
-            generator = torch.Generator().manual_seed(_seed(config.seed, t, i + 1))
-            updates[user] = local_update(workspace, state, users[user], config, generator)
+            updates[user] = client_update(workspace, state, users, user, t, config)
             weights[user] = float(len(users[user]))
         if not updates:
             continue

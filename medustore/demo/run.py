@@ -31,12 +31,15 @@ from torch import nn
 
 import medustore
 from medustore.demo.data import Dataset, assign_users, load_digits_dataset, poison
-from medustore.demo.federated import FedConfig, State, fedavg
+from medustore.demo.federated import FedConfig, State, client_update, fedavg
 from medustore.demo.model import accuracy, backdoor_success, make_model
 from medustore.policy import parse_policy
 
-__all__ = ["DemoConfig", "evaluate", "gap_note", "make_users", "recover", "run_demo",
-           "seed_everything"]
+__all__ = ["METHODS", "DemoConfig", "evaluate", "exact_round",
+           "gap_note", "make_users", "recover", "run_demo", "seed_everything"]
+
+#: Unlearning methods the demo reports: the closed form, or recovery from the archive.
+METHODS = ("replay", "recover")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,15 @@ class DemoConfig:
         point of retraining plus two, with the backdoor still gone; one round leaves up
         to 1.1 points, three close the gap, and the poisoned model given the same rounds
         keeps its backdoor.
+    method : {"replay", "recover"}
+        How the unlearned models are computed: ``"replay"``, the closed form (exact
+        replay of the stored updates without the malicious users, with its error bound);
+        ``"recover"``, `medustore.recover` (training replayed from ``w_0`` without them, the
+        remaining users' updates estimated at the new model from the archive; no bound).
+    client_rounds : int
+        With ``"recover"``: the last ``client_rounds`` rounds of the replay are trained by
+        the remaining users for real (FedRecover's final tuning), from the recovered model,
+        with the run's own batches; 0 asks nothing of them.
     """
 
     users: int = 20
@@ -97,9 +109,21 @@ class DemoConfig:
     policy: str = "medu"
     seed: int = FedConfig.seed
     recovery_rounds: int = 2
+    method: str = "replay"
+    client_rounds: int = 0
 
     def __post_init__(self) -> None:
         self.fed()  # validates the schedule
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if isinstance(self.client_rounds, bool) or not isinstance(
+                self.client_rounds, int) or self.client_rounds < 0:
+            raise ValueError(f"client_rounds must be an int >= 0, got {self.client_rounds!r}")
+        if self.client_rounds and self.method != "recover":
+            raise ValueError("client_rounds applies to method 'recover' only")
+        if self.client_rounds > self.rounds:
+            raise ValueError(f"client_rounds ({self.client_rounds}) exceeds the rounds "
+                             f"({self.rounds})")
         if isinstance(self.recovery_rounds, bool) or not isinstance(
                 self.recovery_rounds, int) or self.recovery_rounds < 0:
             raise ValueError(f"recovery_rounds must be an int >= 0, got {self.recovery_rounds!r}")
@@ -195,6 +219,24 @@ def recover(model: nn.Module, state: State, users: Mapping[Hashable, Dataset],
                   first_round=config.rounds)
 
 
+def exact_round(model: nn.Module, users: Mapping[Hashable, Dataset],
+                config: DemoConfig) -> Any:
+    """The ``exact_round`` callback of `medustore.recover.recover` for this run: the
+    remaining users train from the recovered model with the batches of that round of the
+    run's schedule, as `fedavg` would have them train. ``model`` gives the architecture."""
+    workspace = copy.deepcopy(model)
+    fed = config.fed()
+
+    def train(t: int, weights: dict[str, np.ndarray], who: list[Hashable]) -> dict:
+        state = {k: torch.from_numpy(np.asarray(v)).to(torch.float32)
+                 for k, v in weights.items()}
+        return {u: {k: v.numpy() for k, v in
+                    client_update(workspace, state, users, u, t, fed).items()}
+                for u in who}
+
+    return train
+
+
 def gap_note(summary: dict[str, Any], threshold: float = 0.01) -> str | None:
     """One sentence on the gap in clean accuracy between unlearning from the full archive
     (the exact closed form) and retraining from scratch, when it exceeds ``threshold``."""
@@ -204,6 +246,14 @@ def gap_note(summary: dict[str, Any], threshold: float = 0.01) -> str | None:
     gap = 100.0 * (retrain - full)
     if abs(gap) <= 100.0 * threshold:
         return None
+    if summary["config"].get("method", "replay") == "recover":
+        k = summary["config"].get("client_rounds", 0)
+        spent = (f" with {k} client round{'s' if k != 1 else ''}" if k
+                 else " without asking any client")
+        return (f"Recovery from the full archive{spent} ends {abs(gap):.1f} points "
+                f"{'below' if gap > 0 else 'above'} retraining on clean accuracy: it "
+                "estimates the remaining users' updates at the new model from the archive, "
+                "so it comes with no bound.")
     if gap < 0:
         return (f"Unlearning from the full archive ends {-gap:.1f} points above retraining "
                 "on clean accuracy: the closed form does not retrain, it removes the "
@@ -232,25 +282,49 @@ class _Unlearned(NamedTuple):
     stored: int
     budget: medustore.ErrorBudget
     policy: str
+    report: Any = None  # the RecoveryReport with method "recover"
 
 
-def _unlearn(path: Path, users: list[int], progress: bool | None) -> _Unlearned:
+def _unlearn(path: Path, users: list[int], progress: bool | None, method: str = "replay",
+             exact: Any = None, client_rounds: int = 0) -> _Unlearned:
+    from medustore.recover import RecoveryWarning, recover
+
     with medustore.open(path, "r") as store, warnings.catch_warnings():
-        # Records the policy dropped are accounted for in the budget returned with them.
+        # Records the policy dropped are accounted for in the budget returned with them;
+        # recovery's safeguards are in its report.
         warnings.simplefilter("ignore", medustore.IncompleteUnlearningWarning)
+        warnings.simplefilter("ignore", RecoveryWarning)
+        report = None
+        if method == "recover":
+            done = recover(store, users, out="state_dict", progress=progress,
+                           exact_round=exact if client_rounds else None,
+                           final=client_rounds)
+            weights, report = done.model, done.report
+        else:
+            weights = store.unlearn(users, out="state_dict", progress=progress)
         return _Unlearned(
-            weights=store.unlearn(users, out="state_dict", progress=progress),
+            weights=weights,
             nbytes=store.nbytes_stored(),
             stored=int(store.side("stored").sum()),
             budget=store.error_budget(users),
             policy=store.policy.describe(),
+            report=report,
         )
+
+
+ARCHIVES = ("full.zarr", "compressed.zarr")
+
+
+def existing_archives(out: str | Path) -> list[Path]:
+    """The demo's archives already in ``out`` (what ``--out`` would overwrite)."""
+    return [Path(out) / name for name in ARCHIVES if (Path(out) / name).exists()]
 
 
 def run_demo(
     config: DemoConfig = DemoConfig(),
     out: str | Path | None = None,
     progress: bool | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run the demo and return its summary.
 
@@ -263,6 +337,8 @@ def run_demo(
         default: a temporary directory removed afterwards.
     progress : bool or None
         Progress bars on stderr; ``None``: only when stderr is a terminal.
+    force : bool
+        Overwrite archives a previous run left in ``out``; without it, `FileExistsError`.
 
     Returns
     -------
@@ -273,8 +349,16 @@ def run_demo(
         ``unlearned_compressed_recovered`` and ``poisoned_recovered``, each model after the
         recovery rounds), ``storage`` (bytes and ratios), ``error`` (the budget the
         compressed archive predicted and the distances measured), ``note`` (the sentence
-        of `gap_note`, or None), ``seconds`` and ``out``.
+        of `gap_note`, or None), ``seconds`` and ``out``. The ``unlearned_*`` models are
+        those of ``config.method``; with ``"recover"``, ``recovery`` holds each archive's
+        `RecoveryReport` (as JSON) and ``closed_form`` the closed form's models, for scale.
     """
+    if out is not None and not force:
+        found = existing_archives(out)
+        if found:
+            raise FileExistsError(
+                f"{', '.join(map(str, found))} already exist; the demo would overwrite them "
+                "(pass force=True, or --force on the command line)")
     start = time.perf_counter()
     seed_everything(config.seed)
     train, test = load_digits_dataset(seed=config.seed)
@@ -317,7 +401,11 @@ def run_demo(
         w_retrain = fedavg(model, users, config.fed(), exclude=malicious, progress=progress,
                            desc="retraining")
 
-        done = {k: _unlearn(p, malicious, progress) for k, p in paths.items()}
+        exact = exact_round(model, users, config) if config.client_rounds else None
+        done = {k: _unlearn(p, malicious, progress, config.method, exact,
+                            config.client_rounds) for k, p in paths.items()}
+        closed = ({k: _unlearn(p, malicious, progress) for k, p in paths.items()}
+                  if config.method == "recover" else None)
 
     full, compressed = done["full"], done["compressed"]
     evaluated = {"poisoned": w_poisoned, "retrain": w_retrain,
@@ -355,6 +443,14 @@ def run_demo(
             "poisoned_vs_retrain_l2": _distance(w_poisoned, w_retrain),
         },
     }
+    summary["method"] = config.method
+    if closed is not None:
+        summary["recovery"] = {k: d.report.to_json() for k, d in done.items()}
+        summary["closed_form"] = {f"unlearned_{k}": evaluate(model, d.weights, test,
+                                                             config.target)
+                                  for k, d in closed.items()}
+        summary["error"]["closed_form_measured_l2"] = _distance(closed["compressed"].weights,
+                                                                closed["full"].weights)
     summary["note"] = gap_note(summary)
     summary["seconds"] = time.perf_counter() - start
     summary["out"] = None if out is None else str(Path(out))
