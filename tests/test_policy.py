@@ -335,7 +335,7 @@ def test_expected_error_mirrors_the_segmented_codecs(threshold: float | None,
         part = np.zeros(chunk, np.float64)
         part[: min(chunk, d.size - start)] = d[start : start + chunk]
         want += agg_codec.expected_error(part, segments[i], real=min(chunk, d.size - start))
-    assert agg == want
+    assert agg == pytest.approx(want, rel=1e-12)  # the same terms; numpy 2.5 may round apart
 
 
 def test_expected_error_with_segments_is_measured_error() -> None:
