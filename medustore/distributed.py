@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -39,13 +38,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from zarr.core.sync import sync
 
+from medustore import replay
 from medustore.archive.reader import ArchiveReader, _brief, chunk_key, read_index
 from medustore.archive.repository import Repository
 from medustore.archive.storage import parse_location
 from medustore.errors import DamagedArchiveError, NotAnArchiveError
 from medustore.index import parse_round
 from medustore.layout import OutputKind
-from medustore.replay import IncompleteUnlearningWarning, Plan, Term, _progress, plan
+from medustore.replay import Plan, Term, _progress, plan
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -238,26 +238,13 @@ def run(source: Any, p: Plan, *, client: Client, out: OutputKind = "numpy",
     if p.method == "accumulator":
         common: dict[str, Any] = {"op": "accumulator", "col": index.column(p.users[0])}
     else:
-        if p.budget.records_missing:  # the local replay's warning, word for word
-            warnings.warn(
-                f"{p.budget.records_missing} participation(s) of the users to remove were not "
-                f"stored by the archive's policy ({index.policy.name}); the result may "
-                f"differ from the exact unlearning by up to {p.budget.deterministic:.4g} (L2) "
-                f"plus lattice noise of RMS {p.budget.rms:.4g}",
-                IncompleteUnlearningWarning, stacklevel=4)
+        replay.warn_incomplete(p, index.policy.name, stacklevel=5)
         flat = tuple((k, term) for k, row_terms in enumerate(p.terms) for term in row_terms)
         common = {"op": "replay", "terms": flat, "n_rows": len(p.rows), "alpha": p.alpha}
     jobs = [SliceJob(ref, a, b, **common)
             for a, b in slices(layout.size, chunk, 2 * _n_workers(client), slice_values)]
     result = _gather(client, jobs, layout.size, chunk, progress, "unlearning", None)
-    peak = float(np.max(np.abs(result))) if result.size else 0.0
-    limit = min(float(np.finfo(np.dtype(t.dtype)).max) for t in layout.tensors
-                if np.dtype(t.dtype).kind == "f") if out != "flat" else np.inf
-    if not (np.isfinite(result).all() and peak <= limit):
-        raise ValueError(f"the unlearned model overflows the model's precision (alpha="
-                         f"{p.alpha!r}, or weights of extreme ratios); use a smaller alpha or a "
-                         "round window")
-    return layout.unflatten(result, out)
+    return replay.deliver(layout, result, p, out)
 
 
 def reconstruct(source: Any, round: int, out: OutputKind = "numpy", *, client: Client,

@@ -349,15 +349,24 @@ def run(source: Any, p: Plan, *, out: OutputKind = "numpy",
         result = latest - reader.accumulator(source.index.column(p.users[0]))
     else:
         # Only the replay misses dropped records: the exact accumulator does not need them.
-        if p.budget.records_missing:
-            warnings.warn(
-                f"{p.budget.records_missing} participation(s) of the users to remove were not "
-                f"stored by the archive's policy ({source.index.policy.name}); the result may "
-                f"differ from the exact unlearning by up to {p.budget.deterministic:.4g} (L2) "
-                f"plus lattice noise of RMS {p.budget.rms:.4g}",
-                IncompleteUnlearningWarning, stacklevel=3)
+        warn_incomplete(p, source.index.policy.name, stacklevel=4)
         result = latest - _correction(reader, p, progress)
-    layout = source.index.layout
+    return deliver(source.index.layout, result, p, out)
+
+
+def warn_incomplete(p: Plan, policy_name: str, stacklevel: int) -> None:
+    """`IncompleteUnlearningWarning` when the plan misses records the policy dropped."""
+    if p.budget.records_missing:
+        warnings.warn(
+            f"{p.budget.records_missing} participation(s) of the users to remove were not "
+            f"stored by the archive's policy ({policy_name}); the result may differ from the "
+            f"exact unlearning by up to {p.budget.deterministic:.4g} (L2) plus lattice noise "
+            f"of RMS {p.budget.rms:.4g}", IncompleteUnlearningWarning, stacklevel=stacklevel)
+
+
+def deliver(layout: Any, result: np.ndarray, p: Plan, out: OutputKind) -> Any:
+    """The unlearned flat float64 vector in the asked form, or a ValueError when it
+    overflows the model's precision (an alpha skew or weights of extreme ratios)."""
     peak = float(np.max(np.abs(result))) if result.size else 0.0
     limit = min(float(np.finfo(np.dtype(t.dtype)).max) for t in layout.tensors
                 if np.dtype(t.dtype).kind == "f") if out != "flat" else np.inf
