@@ -595,3 +595,31 @@ def export_zip(store: Any, out: str | Path, edit: Any = None) -> Path:
         for key, data in version_keys(store).items():
             zf.writestr(key, edit(key, data) if edit else data)
     return out
+
+
+def race_commits(a: Any, b: Any, r: Any, loser: Any, location: str) -> None:
+    """Writer ``b`` records ``loser`` while, inside b's commit, writer ``a`` commits ``r``
+    first: b must be refused with `ConcurrentWriteError` naming ``location``."""
+    import re
+
+    import icechunk
+    import pytest
+
+    from medustore import ConcurrentWriteError
+
+    original = icechunk.Session.commit
+    fired: list[int] = []
+
+    def commit(self: Any, *args: Any, **kwargs: Any) -> Any:  # b's commit: a commits first
+        if not fired:
+            fired.append(1)
+            a.record_round(r.t, r.updates, weights=r.weights)
+        return original(self, *args, **kwargs)
+
+    icechunk.Session.commit = commit
+    try:
+        with pytest.raises(ConcurrentWriteError, match=re.escape(location)):
+            b.record_round(loser.t, loser.updates, weights=loser.weights)
+    finally:
+        icechunk.Session.commit = original
+    assert fired

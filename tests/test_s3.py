@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 import pytest
-from _fl import History, check_answers, make_round, writer_history
+from _fl import History, check_answers, make_round, race_commits, writer_history
 
 import medustore
 from medustore import ConcurrentWriteError, DamagedArchiveError, Retention
@@ -89,7 +89,6 @@ def test_stale_writer_is_refused(s3_archive: tuple[str, dict]) -> None:
 def test_writers_racing_to_commit(s3_archive: tuple[str, dict]) -> None:
     # Both start round 2 from the same version; a commits while b is committing: b's
     # commit (a conditional update of the branch on S3) is refused whole.
-    import icechunk
 
     location, options = s3_archive
     h = writer_history(37, M, 2)
@@ -98,22 +97,7 @@ def test_writers_racing_to_commit(s3_archive: tuple[str, dict]) -> None:
     b = medustore.open(location, "a", storage_options=options)
     r = make_round(38, 2, ["a", "x"], M)
     loser = make_round(39, 2, ["b", "y"], M)
-    original = icechunk.Session.commit
-    fired: list[int] = []
-
-    def commit(self, *args, **kwargs):
-        if not fired:
-            fired.append(1)
-            a.record_round(r.t, r.updates, weights=r.weights)
-        return original(self, *args, **kwargs)
-
-    icechunk.Session.commit = commit
-    try:
-        with pytest.raises(ConcurrentWriteError, match=re.escape(location)):
-            b.record_round(loser.t, loser.updates, weights=loser.weights)
-    finally:
-        icechunk.Session.commit = original
-    assert fired
+    race_commits(a, b, r, loser, location)
     h.rounds.append(r)
     with medustore.open(location, "r", storage_options=options) as store:
         check_answers(store, h)

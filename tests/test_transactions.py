@@ -24,6 +24,7 @@ from _fl import (
     check_after_kill,
     check_answers,
     make_round,
+    race_commits,
     rel_err,
     replay,
     writer_history,
@@ -134,7 +135,6 @@ def test_writers_racing_to_commit() -> None:
     # Both writers start their round from the same version; the first commits while the
     # second is committing: the second commit is refused whole (Icechunk's conflict check),
     # however much of its round it had written.
-    import icechunk
 
     seed, m = 14, 30
     location, h = _pair(m, seed)
@@ -142,22 +142,7 @@ def test_writers_racing_to_commit() -> None:
     b = medustore.open(location, "a")
     r = make_round(seed, 2, ["a", "x"], m)
     loser = make_round(seed + 1, 2, ["b", "y"], m)
-    original = icechunk.Session.commit
-    fired: list[int] = []
-
-    def commit(self, *args, **kwargs):  # b's commit: let a commit first
-        if not fired:
-            fired.append(1)
-            a.record_round(r.t, r.updates, weights=r.weights)
-        return original(self, *args, **kwargs)
-
-    icechunk.Session.commit = commit
-    try:
-        with pytest.raises(ConcurrentWriteError, match=re.escape(location)):
-            b.record_round(loser.t, loser.updates, weights=loser.weights)
-    finally:
-        icechunk.Session.commit = original
-    assert fired
+    race_commits(a, b, r, loser, location)
     h.rounds.append(r)
     with medustore.open(location, "r") as store:
         check_answers(store, h)
