@@ -344,7 +344,7 @@ class UpdateStore:
         self._reader = None  # opened again when a read needs it
         self._latest = plan.model
         if self.retention.every and self._index.n_rounds % self.retention.every == 0:
-            self._repo.compact(self.retention)
+            self._repo.compact(self.retention, sweep=False)
         return RoundSummary(plan.round, len(plan.users), int(plan.keep.sum()), nbytes)
 
     # ------------------------------------------------------------------ versions

@@ -272,9 +272,6 @@ class Repository:
             f"{', '.join(sorted(self._repo.list_tags())) or 'none'}); keep more with "
             "Retention(keep_versions=N) or tag rounds with store.tag(round)")
 
-    def head(self) -> str | None:
-        return None if self._repo is None else self._repo.lookup_branch(BRANCH)
-
     # ------------------------------------------------------------------ writing
 
     @contextmanager
@@ -313,10 +310,14 @@ class Repository:
         if name not in self._repo.list_tags():
             self._repo.create_tag(name, sid)
 
-    def compact(self, retention: Retention, grace: float | None = None) -> Any:
+    def compact(self, retention: Retention, grace: float | None = None, *,
+                sweep: bool = True) -> Any:
         """Expire versions that retention does not keep and delete what only they used.
 
         A version replaced less than ``grace`` seconds ago is kept (readers may hold it).
+        ``sweep`` also deletes the half-written files of killed writers (local archives): a
+        walk of the whole directory, done when a writer closes or compacts explicitly, not
+        after every round.
         Returns Icechunk's garbage-collection summary, or None when nothing could expire.
         """
         grace = retention.grace if grace is None else grace
@@ -341,7 +342,8 @@ class Repository:
         except icechunk.IcechunkError as err:
             raise DamagedArchiveError(f"{self.location.text}: compaction failed: {err}") from err
         if self.location.kind == "local":
-            _remove_staging(self.location.path, cutoff)
+            if sweep:
+                _remove_staging(self.location.path, cutoff)
             _remove_repo_backups(self.location.path, cutoff)
         return summary
 
