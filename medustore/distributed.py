@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from zarr.core.sync import sync
 
 from medustore import replay
-from medustore.archive.reader import ArchiveReader, _brief, chunk_key, read_index
+from medustore.archive.reader import ArchiveReader, read_index
 from medustore.archive.repository import Repository
 from medustore.archive.storage import parse_location
 from medustore.errors import DamagedArchiveError, NotAnArchiveError
@@ -310,27 +309,6 @@ def _open(ref: ArchiveRef) -> ArchiveReader:
         return reader
 
 
-def _slice(reader: ArchiveReader, name: str, lead: tuple[int, ...], start: int, stop: int,
-           what: str) -> np.ndarray:
-    """Chunks ``[start, stop)`` of ``name`` at ``lead``, checked as `ArchiveReader` checks a
-    whole row: every chunk must exist, and any failure to read or decode is damage."""
-    arr = reader.arrays[name]
-    store = arr.store_path.store
-    chunk = reader.index.settings.chunk
-    try:
-        for k in range(start, stop):
-            key = chunk_key(arr, (*lead, k))
-            if not sync(store.exists(key)):
-                raise DamagedArchiveError(f"{reader.where}: {what}: chunk {key} of array "
-                                          f"{name} is missing")
-        return arr[(*lead, slice(start * chunk, stop * chunk))]
-    except DamagedArchiveError:
-        raise
-    except Exception as err:  # any failure to read or decode stored bytes is damage
-        raise DamagedArchiveError(f"{reader.where}: {what}: array {name} does not read: "
-                                  f"{_brief(err)}") from err
-
-
 def _run_slice(job: SliceJob) -> tuple[int, np.ndarray]:
     """One task: ``(first chunk, float64 values of the answer over the job's chunks)``.
 
@@ -342,11 +320,11 @@ def _run_slice(job: SliceJob) -> tuple[int, np.ndarray]:
     rounds = reader.index.rounds
 
     def model() -> np.ndarray:
-        return _slice(reader, "model", (), a, b, "latest model w_T").astype(np.float64)
+        return reader.read("model", (), "latest model w_T", (a, b)).astype(np.float64)
 
     def aggregate(row: int) -> np.ndarray:
-        return _slice(reader, "aggregate", (row,), a, b,
-                      f"aggregate of round {int(rounds[row])}")
+        return reader.read("aggregate", (row,), f"aggregate of round {int(rounds[row])}",
+                           (a, b))
 
     if job.op == "replay":
         latest = model()
@@ -358,7 +336,7 @@ def _run_slice(job: SliceJob) -> tuple[int, np.ndarray]:
                     correction *= 1.0 + job.alpha
                 done_rows += 1
             if term.kind == "record":
-                vec = _slice(reader, "records", (term.record,), a, b, term.what)
+                vec = reader.read("records", (term.record,), term.what, (a, b))
             else:
                 vec = aggregate(term.row)
             correction += term.coef * vec
@@ -370,12 +348,12 @@ def _run_slice(job: SliceJob) -> tuple[int, np.ndarray]:
         return a, latest - correction
     if job.op == "accumulator":
         user = reader.index.users[job.col]
-        return a, model() - _slice(reader, "acc", (job.col,), a, b,
-                                   f"accumulator of user {user!r}")
+        return a, model() - reader.read("acc", (job.col,), f"accumulator of user {user!r}",
+                                        (a, b))
     if job.op == "reconstruct":
         n = reader.index.n_rounds
         if job.forward:
-            w = _slice(reader, "initial", (), a, b, "initial model w_0").astype(np.float64)
+            w = reader.read("initial", (), "initial model w_0", (a, b)).astype(np.float64)
             for row in range(job.before):
                 w += aggregate(row)
         else:

@@ -1,6 +1,7 @@
 """The exceptions medustore raises on purpose (the CLI maps each to an exit code)."""
 
 __all__ = [
+    "first_line",
     "ConcurrentWriteError",
     "DamagedArchiveError",
     "MedustoreError",
@@ -46,3 +47,10 @@ class ConcurrentWriteError(MedustoreError):
 
 class VersionNotKeptError(MedustoreError, LookupError):
     """The archive no longer keeps (or never had) the version asked for."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, without the frame marks of Icechunk's
+    multi-line errors (the rest is a span trace); the type's name if it says nothing."""
+    lines = (ln.strip().lstrip("x\u00d7|`-").strip() for ln in str(err).splitlines())
+    return next((ln for ln in lines if ln), type(err).__name__)

@@ -15,7 +15,12 @@ import zarr
 from zarr.core.sync import sync
 
 from medustore.archive.table import TABLE, check_array, spec
-from medustore.errors import DamagedArchiveError, NotAnArchiveError, UnsupportedFormatError
+from medustore.errors import (
+    DamagedArchiveError,
+    NotAnArchiveError,
+    UnsupportedFormatError,
+    first_line,
+)
 from medustore.index import ArchiveIndex, Settings, load_index
 
 __all__ = ["ATTR", "FORMAT_VERSION", "ArchiveReader", "chunk_key", "read_index", "read_settings"]
@@ -81,19 +86,28 @@ class ArchiveReader:
         """Chunks along the model (param) dimension."""
         return math.ceil(self.index.layout.size / self.index.settings.chunk)
 
-    def keys(self, name: str, lead: tuple[int, ...]) -> list[str]:
-        """Store keys of the model-dimension chunks of ``name`` at leading index ``lead``."""
+    def keys(self, name: str, lead: tuple[int, ...],
+             chunks: tuple[int, int] | None = None) -> list[str]:
+        """Store keys of the model-dimension chunks of ``name`` at leading index ``lead``
+        (``chunks``: a range ``[start, stop)`` of them; default all)."""
         arr = self.arrays[name]
-        return [chunk_key(arr, (*lead, k)) for k in range(self.n_chunks())]
+        start, stop = chunks or (0, self.n_chunks())
+        return [chunk_key(arr, (*lead, k)) for k in range(start, stop)]
 
-    def _row(self, name: str, lead: tuple[int, ...], what: str) -> np.ndarray:
+    def read(self, name: str, lead: tuple[int, ...], what: str,
+             chunks: tuple[int, int] | None = None) -> np.ndarray:
+        """Values of ``name`` at leading index ``lead`` over its model-dimension chunks
+        ``chunks`` (default all), after checking that each of those chunks exists; any
+        failure to read or decode is `DamagedArchiveError` naming ``what``."""
         arr = self.arrays[name]
+        start, stop = chunks or (0, self.n_chunks())
+        c = self.index.settings.chunk
         try:
-            for key in self.keys(name, lead):
+            for key in self.keys(name, lead, (start, stop)):
                 if not sync(self._store.exists(key)):
                     raise DamagedArchiveError(f"{self.where}: {what}: chunk {key} of array "
                                               f"{name} is missing")
-            return arr[(*lead, slice(None))]
+            return arr[(*lead, slice(start * c, stop * c))]
         except DamagedArchiveError:
             raise
         except Exception as err:  # any failure to read or decode stored bytes is damage
@@ -104,7 +118,7 @@ class ArchiveReader:
 
     def record(self, record: int, what: str | None = None) -> np.ndarray:
         """Stored record number ``record`` (a float32 flat vector)."""
-        return self._row("records", (record,), what or f"record {record}")
+        return self.read("records", (record,), what or f"record {record}")
 
     def record_of(self, row: int, col: int) -> np.ndarray | None:
         """The record of user column ``col`` in row ``row``, or None if not stored."""
@@ -118,21 +132,21 @@ class ArchiveReader:
         if "aggregate" not in self.arrays:
             raise ValueError(f"this archive's policy ({self.index.policy.name}) does not keep "
                              "aggregates")
-        return self._row("aggregate", (row,), f"aggregate of round {int(self.index.rounds[row])}")
+        return self.read("aggregate", (row,), f"aggregate of round {int(self.index.rounds[row])}")
 
     def initial(self) -> np.ndarray:
         """``w_0``."""
-        return self._row("initial", (), "initial model w_0")
+        return self.read("initial", (), "initial model w_0")
 
     def model(self) -> np.ndarray:
         """``w_T``, the model after the last committed round (``w_0`` before any)."""
-        return self._row("model", (), "latest model w_T")
+        return self.read("model", (), "latest model w_T")
 
     def accumulator(self, col: int) -> np.ndarray:
         """The exact accumulator ``A^u`` of user column ``col`` (float64)."""
         if "acc" not in self.arrays:
             raise ValueError("this archive keeps no accumulators")
-        return self._row("acc", (col,), f"accumulator of user {self.index.users[col]!r}")
+        return self.read("acc", (col,), f"accumulator of user {self.index.users[col]!r}")
 
     def describe(self, row: int, col: int) -> str:
         return f"record of user {self.index.users[col]!r} in round {int(self.index.rounds[row])}"
@@ -182,10 +196,8 @@ def _read_table(group: zarr.Group, name: str, n_rows: int, where: str) -> np.nda
 
 
 def _brief(err: BaseException) -> str:
-    """``Type: first line`` of an error (Icechunk's errors carry a multi-line trace)."""
-    lines = [ln.strip(" |x`-") for ln in str(err).splitlines()]
-    first = next((ln for ln in lines if ln), "")
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+    """``Type: first line`` of an error."""
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def read_index(group: zarr.Group, snapshot: str | None, where: str) -> ArchiveIndex:

@@ -33,6 +33,7 @@ from medustore.errors import (
     DamagedArchiveError,
     NotAnArchiveError,
     VersionNotKeptError,
+    first_line,
 )
 
 __all__ = ["BRANCH", "Repository", "Retention", "lock_path"]
@@ -146,9 +147,8 @@ class Repository:
             if location.storage is None or not icechunk.Repository.exists(location.storage):
                 return None
         except icechunk.IcechunkError as err:
-            first = next((ln.strip(" |x`-") for ln in str(err).splitlines() if ln.strip()), "")
             raise NotAnArchiveError(f"{location.text}: the storage does not answer: "
-                                    f"{first}") from None
+                                    f"{first_line(err)}") from None
         lock = cls._acquire(location) if write else None
         try:
             return cls(location, icechunk.Repository.open(location.storage), lock)

@@ -28,6 +28,7 @@ from medustore.errors import (
     ReadOnlyError,
     UnknownUserError,
     VersionNotKeptError,
+    first_line,
 )
 from medustore.store import UpdateStore, UserId, open_store
 
@@ -128,7 +129,7 @@ def command_errors() -> Iterator[None]:
     except ReadOnlyError as err:
         raise CliError(str(err), EXIT_IO) from None
     except icechunk.IcechunkError as err:  # the repository's own files failed to read
-        raise CliError(_damage_message(f"reading the archive failed: {_icechunk_text(err)}"),
+        raise CliError(_damage_message(f"reading the archive failed: {first_line(err)}"),
                        EXIT_DAMAGED) from None
     except (ValueError, TypeError, MedustoreError) as err:
         raise CliError(str(err), EXIT_USAGE) from None
@@ -243,19 +244,10 @@ def open_archive(location: str, *, as_of_round: int | None = None,
         store.close()
 
 
-_ICECHUNK_MARK = re.compile(r"^[x\u00d7]\s+")
-
-
-def _icechunk_text(err: Exception) -> str:
-    """The first line of an Icechunk error (the rest is a span trace)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return _ICECHUNK_MARK.sub("", lines[0]) if lines else type(err).__name__
-
-
 def _repository_error(location: str, err: Exception) -> CliError:
     """An Icechunk failure: on object storage usually the connection or the credentials;
     locally, a repository whose files are damaged."""
-    detail = _icechunk_text(err)
+    detail = first_line(err)
     if location.startswith("s3://"):
         return CliError(f"cannot read {location}: {detail}", EXIT_IO)
     return CliError(f"damaged archive: cannot open {location}: {detail}; {_HINT}",
