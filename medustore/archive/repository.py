@@ -27,7 +27,7 @@ import icechunk
 import zarr
 
 from medustore.archive.reader import read_settings
-from medustore.archive.storage import Location, forget_memory
+from medustore.archive.storage import Location
 from medustore.errors import (
     ConcurrentWriteError,
     DamagedArchiveError,
@@ -206,11 +206,6 @@ class Repository:
         store = self.location.store
         if store is not None and getattr(store, "_is_open", True):  # an unopened ZipStore
             store.close()                                           # cannot close
-
-    def drop(self) -> None:
-        """Forget an in-memory archive (mode 'w' on ``memory://`` replaces it)."""
-        if self.location.kind == "memory":
-            forget_memory(self.location.text[len("memory://"):])
 
     # ------------------------------------------------------------------ reading
 

@@ -65,10 +65,6 @@ class Location:
     def is_repository(self) -> bool:
         return self.kind != "plain"
 
-    def plain_store(self) -> Any:
-        """The zarr store of a plain archive, opened read-only."""
-        return self.store
-
 
 def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
@@ -159,9 +155,3 @@ def _zip_location(text: str, path: Path) -> Location:
         raise FileNotFoundError(f"no such zip file: {path}")
     store = zarr.storage.ZipStore(path, mode="r")
     return Location("plain", text, path=path, store=store, group_path=_zip_group(path))
-
-
-def forget_memory(name: str) -> None:
-    """Drop an in-memory archive (``memory://NAME``)."""
-    with _MEMORY_LOCK:
-        _MEMORY.pop(name, None)
