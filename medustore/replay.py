@@ -202,7 +202,7 @@ def plan(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
     cols = sorted({index.column(u) for u in _user_list(users)})
     if not cols:
         raise ValueError("name at least one user to remove")
-    removed = tuple(index.users[c] for c in cols)
+    removed = tuple(index.user_id(c) for c in cols)
     rows = _window_rows(index, rounds)
     skews = _skews(len(rows), alpha)
     can_acc = (index.settings.accumulators and len(cols) == 1 and rounds is None
@@ -210,7 +210,8 @@ def plan(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
     if exact_accumulator and not can_acc:
         raise ValueError("the exact accumulator answers single-user removal over all rounds "
                          "with alpha 0, from an archive created with accumulators=True")
-    in_f = np.isin(index.entry_user, cols)
+    # Only the rows the removed users took part in are read (a user's postings).
+    mine_rows = {index.row_of_entry(e) for c in cols for e in index.user_entries(c).tolist()}
     have_agg = index.policy.keep_aggregates
     det = var = 0.0
     used = n_missing = n_rounds = 0
@@ -218,13 +219,14 @@ def plan(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
     terms: list[tuple[Term, ...]] = []
     for k, row in enumerate(rows):
         f = skews[k]
-        sl = index.entries(row)
-        mine = np.flatnonzero(in_f[sl]) + sl.start
         row_terms: list[Term] = []
         t = int(index.rounds[row])
-        if mine.size:
+        if row in mine_rows:
+            rr = index.round_rows(row)
+            in_f = np.isin(rr.user, cols)
+            mine = np.flatnonzero(in_f)
             n_rounds += 1
-            rest = float(index.entry_weight[sl][~in_f[sl]].sum())
+            rest = float(rr.weight[~in_f].sum())
             if rest == 0.0:  # every participant removed: subtract hbar_t
                 if have_agg:
                     row_terms.append(Term("aggregate", row, -1, 1.0, f"aggregate of round {t}"))
@@ -233,20 +235,20 @@ def plan(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
                 else:
                     det += f * float(index.anorm[row])
                     n_missing += mine.size
-                    missing.extend((t, index.users[index.entry_user[e]]) for e in mine)
+                    missing.extend((t, index.user_id(int(rr.user[i]))) for i in mine)
             else:
-                for e in mine:
-                    coef = float(index.entry_weight[e]) / rest
-                    user = index.users[index.entry_user[e]]
-                    rec = int(index.entry_record[e])
+                for i in mine:
+                    coef = float(rr.weight[i]) / rest
+                    user = index.user_id(int(rr.user[i]))
+                    rec = int(rr.record[i])
                     if rec >= 0:
                         row_terms.append(Term("record", row, rec, coef,
                                               f"record of user {user!r} in round {t}"))
-                        det += f * coef * float(index.entry_znorm[e])
-                        var += (f * coef) * (f * coef) * float(index.entry_evar[e])
+                        det += f * coef * float(rr.znorm[i])
+                        var += (f * coef) * (f * coef) * float(rr.evar[i])
                         used += 1
                     else:
-                        det += f * coef * float(index.entry_dnorm[e])
+                        det += f * coef * float(rr.dnorm[i])
                         n_missing += 1
                         missing.append((t, user))
         terms.append(tuple(row_terms))

@@ -144,12 +144,14 @@ class UpdateStore:
         self.retention = retention or Retention()
         #: The options the archive was opened with (distributed replay passes them on).
         self.storage_options: dict | None = None
+        self._since_compact = 0  # rounds committed since this writer last compacted
         self._open_version(as_of_round)
 
     def _open_version(self, as_of_round: int | None = None) -> None:
         group, sid = self._repo.snapshot(None if as_of_round is None else
                                          parse_round(as_of_round))
-        self._index = read_index(group, sid, self.location)
+        # A reader loads what it is asked for; a writer needs every user and entry.
+        self._index = read_index(group, sid, self.location, lazy=self.read_only)
         self._reader: ArchiveReader | None = ArchiveReader(group, self._index, self.location)
         self._latest: np.ndarray | None = None  # w_T as the writer last wrote it
 
@@ -343,8 +345,10 @@ class UpdateStore:
         self._index = _with_snapshot(index, done[0])
         self._reader = None  # opened again when a read needs it
         self._latest = plan.model
-        if self.retention.every and self._index.n_rounds % self.retention.every == 0:
+        self._since_compact += 1
+        if self.retention.due(self._since_compact, self._index.n_rounds):
             self._repo.compact(self.retention, sweep=False)
+            self._since_compact = 0
         return RoundSummary(plan.round, len(plan.users), int(plan.keep.sum()), nbytes)
 
     # ------------------------------------------------------------------ versions

@@ -2,9 +2,10 @@
 
 Works only through the read contract (``store.index``, an `ArchiveIndex`, and
 ``store.reader``, an `ArchiveReader`) of the version the store holds. Opening the store
-already checked the index (complete tables, consistent participations, the digest chained
-over every round): an archive whose index is damaged is refused by `medustore.open` with
-`DamagedArchiveError`, and the ``verify`` command reports that refusal as damage.
+checks the per-round tables; verify first loads and checks the whole index (complete
+tables, consistent participations, every round's rows against its link and the digest
+chained over every round): a damaged index is reported (by the ``verify`` command too,
+when `medustore.open` already refused it) as damage.
 
 Checks, in order:
 
@@ -18,6 +19,8 @@ Checks, in order:
    the thresholded part ``znorm``);
 3. aggregates, ``w_0``, ``w_T`` and accumulators decode to finite values of the right size
    (any values: a model initialised to zeros is not damage);
+   The user -> participations runs (`medustore.archive.postings`) must hold exactly the
+   index's participations;
 4. leftovers: chunks beyond the archive's counts (never read; e.g. left in a plain export)
    and objects outside the declared table are notes; an object under an array that is not
    one of its chunks is a problem;
@@ -41,6 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
+from medustore.archive.postings import GROUP, check_runs
 from medustore.errors import DamagedArchiveError
 from medustore.replay import PREFETCH
 
@@ -349,10 +353,13 @@ class _Verifier:
     def run(self) -> VerifyReport:
         try:
             reader = self.store.reader
+            # A reader's index is loaded piecewise: load (and check) all of it, links too.
+            self.index.entry_user  # noqa: B018
         except DamagedArchiveError as err:  # an array missing, or of the wrong shape
             self.problem("invalid", "archive", _error_text(err))
             return self.report
         self.reader = reader
+        self.check_user_runs()
         self.m, self.c = self.index.layout.size, self.index.settings.chunk
         targets = _targets(self.index, reader)
         self.check_chunks(targets)
@@ -360,6 +367,15 @@ class _Verifier:
         self.check_garbage()
         self.report.problems = self.sorted_problems()
         return self.report
+
+    def check_user_runs(self) -> None:
+        """The user -> participations runs hold exactly the index's participations."""
+        if not self.index.settings.sparse:
+            return
+        keys = self.index.user_keys()[self.index.entry_user]
+        for kind, message in check_runs(self.reader.group, self.index.n_rounds,
+                                        self.index.start, keys, self.store.location):
+            self.problem(kind, GROUP, message)
 
     def span(self, k: int) -> slice:
         return slice(k * self.c, min((k + 1) * self.c, self.m))
@@ -477,7 +493,8 @@ class _Verifier:
                 by_top.setdefault(top, []).append(rest)
             elif top != "zarr.json":
                 by_top.setdefault(top, []).append("")
-        foreign = sorted(t for t in by_top if t not in arrays)
+        declared = arrays.keys() | ({GROUP} if self.index.settings.sparse else set())
+        foreign = sorted(t for t in by_top if t not in declared)
         if foreign:
             self.report.notes.append(
                 f"objects outside the archive's declared arrays: {', '.join(foreign)} "

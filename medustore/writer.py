@@ -23,6 +23,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from medustore.archive import postings
 from medustore.archive.reader import ATTR, chunk_key
 from medustore.archive.table import TABLE, codec_args
 from medustore.index import ArchiveIndex, Settings, chain, parse_round, parse_user, user_text
@@ -295,8 +296,27 @@ def write_round(group: zarr.Group, index: ArchiveIndex, plan: RoundPlan,
                    new_text)
     new_index = index.appended(rounds_row, facts_row, entries, efacts, plan.new_users,
                                digest.hex())
+    if settings.sparse:
+        _grow(arrays["links"], R + 1)
+        arrays["links"][R, :] = link_row(digest)
+        write_postings(group, new_index)
     write_meta(group, settings, new_index)
     return new_index, int(nbytes.sum())
+
+
+def link_row(digest: bytes) -> np.ndarray:
+    """A 32-byte digest as the 4 int64 of a ``links`` row."""
+    return np.frombuffer(digest, dtype="<i8").astype(np.int64)
+
+
+def write_postings(group: zarr.Group, index: ArchiveIndex) -> None:
+    """The user run that ``index``'s last round completes (`medustore.archive.postings`)."""
+    R = index.n_rounds
+    k = (R & -R).bit_length() - 1
+    lo, hi = postings.run_rows(R, k)
+    e0, e1 = int(index.start[lo]), int(index.start[hi])
+    keys = index.user_keys()[index.entry_user[e0:e1]]
+    postings.write_run(group, R, postings.build_run(keys, e0))
 
 
 def write_rows(store: Any, arr: zarr.Array, first: int, rows: list[np.ndarray],
@@ -373,6 +393,8 @@ def create_arrays(group: zarr.Group, settings: Settings, serializers: Mapping[st
             dtype=s.numpy_dtype(settings.model_dtype), fill_value=s.fill(),
             dimension_names=s.dims, config={"write_empty_chunks": True},
             **codec_args(s, serializers))
+    if settings.sparse:
+        group.create_group(postings.GROUP)
     init = initial.astype(settings.model_dtype)
     group["initial"].with_config({"write_empty_chunks": True})[:] = init
     group["model"].with_config({"write_empty_chunks": True})[:] = init

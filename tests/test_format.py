@@ -106,48 +106,63 @@ def _fixture_module():
     return module
 
 
-EXPECTED = json.loads((FORMAT2 / "format2-expected.json").read_text())
+#: index1: the first format-2 archives (no round links or user runs); index2: today's.
+GOLDEN = ("index1", "index2")
 
 
-def _load(name: str) -> np.ndarray:
-    return np.load(FORMAT2 / name, allow_pickle=False)
+def _expected(folder: str) -> dict:
+    return json.loads((FORMAT2 / folder / "format2-expected.json").read_text())
 
 
-def _check_golden(store: medustore.UpdateStore) -> None:
-    assert store.index.digest == EXPECTED["digest"]
-    assert store.index.settings.to_json() == EXPECTED["settings"]
-    assert store.index.settings.format == EXPECTED["format"] == medustore.FORMAT_VERSION
-    assert store.rounds == EXPECTED["rounds"]
-    assert store.users == EXPECTED["users"]
-    forget = EXPECTED["forget"]
+def _check_golden(store: medustore.UpdateStore, folder: str) -> None:
+    expected = _expected(folder)
+    assert store.index.digest == expected["digest"]
+    assert store.index.settings.to_json() == expected["settings"]
+    assert store.index.settings.format == expected["format"] == medustore.FORMAT_VERSION
+    assert store.index.settings.index == int(folder[-1])
+    assert store.rounds == expected["rounds"]
+    assert store.users == expected["users"]
+    forget = expected["forget"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", medustore.IncompleteUnlearningWarning)
         unlearned = store.unlearn(forget, out="flat")
     for got, name in ((store.latest("flat"), "format2-latest.npy"),
                       (unlearned, "format2-unlearn-bob.npy"),
-                      (store.record(*EXPECTED["record_of"]), "format2-record.npy")):
-        want = _load(name)
+                      (store.record(*expected["record_of"]), "format2-record.npy")):
+        want = np.load(FORMAT2 / folder / name, allow_pickle=False)
         assert got.dtype == want.dtype and got.shape == want.shape, name
         np.testing.assert_array_equal(got, want, err_msg=name)
-    assert store.error_budget(forget).to_json() == EXPECTED["budget"]
+    assert store.error_budget(forget).to_json() == expected["budget"]
 
 
+@pytest.mark.parametrize("folder", GOLDEN)
 @pytest.mark.parametrize("form", ["path", "url"])
-def test_golden_format2_archive_reads_as_saved(form: str) -> None:
-    archive = FORMAT2 / "format2-archive.zip"
+def test_golden_format2_archive_reads_as_saved(form: str, folder: str) -> None:
+    archive = FORMAT2 / folder / "format2-archive.zip"
     before = archive.read_bytes()
     location = archive if form == "path" else f"zip://{archive}"
     with medustore.open(location) as store:
         assert store.read_only and store.snapshot_id is None
-        _check_golden(store)
+        _check_golden(store, folder)
     assert archive.read_bytes() == before
 
 
-def test_golden_format2_unzipped_directory_reads_as_saved(tmp_path: Path) -> None:
-    with zipfile.ZipFile(FORMAT2 / "format2-archive.zip") as zf:
+@pytest.mark.parametrize("folder", GOLDEN)
+def test_golden_format2_unzipped_directory_reads_as_saved(tmp_path: Path, folder: str) -> None:
+    with zipfile.ZipFile(FORMAT2 / folder / "format2-archive.zip") as zf:
         zf.extractall(tmp_path / "golden")
     with medustore.open(tmp_path / "golden") as store:
-        _check_golden(store)
+        _check_golden(store, folder)
+
+
+def test_golden_index1_and_index2_answer_alike() -> None:
+    # One run written in both index layouts: the same rounds, users and answers.
+    a, b = _expected("index1"), _expected("index2")
+    for key in ("rounds", "users", "forget", "record_of", "budget"):
+        assert a[key] == b[key], key
+    for name in ("format2-latest.npy", "format2-unlearn-bob.npy", "format2-record.npy"):
+        np.testing.assert_array_equal(np.load(FORMAT2 / "index1" / name),
+                                      np.load(FORMAT2 / "index2" / name))
 
 
 def test_golden_run_recorded_again_gives_the_same_archive(tmp_path: Path) -> None:
@@ -155,9 +170,9 @@ def test_golden_run_recorded_again_gives_the_same_archive(tmp_path: Path) -> Non
     # and its export holds the same keys as the golden zip.
     fixture = _fixture_module()
     with fixture.record_run(tmp_path / "run") as store:
-        _check_golden(store)
+        _check_golden(store, "index2")
         keys = set(fixture.version_keys(store))
-    with zipfile.ZipFile(FORMAT2 / "format2-archive.zip") as zf:
+    with zipfile.ZipFile(FORMAT2 / "index2" / "format2-archive.zip") as zf:
         assert keys == set(zf.namelist())
 
 

@@ -273,6 +273,28 @@ def test_sigkill_in_the_compaction(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- versions
 
 
+def test_compactions_are_spaced_in_proportion_to_the_archive(tmp_path: Path) -> None:
+    # Garbage collection walks the whole archive: with spacing s, a compaction follows
+    # at least s x rounds after the previous one, so the versions in between stay kept.
+    retention = Retention(grace=0, every=2, spacing=0.25)
+    assert [retention.due(since, 40) for since in (2, 9, 10)] == [False, False, True]
+    assert not Retention(every=0).due(100, 100) and Retention(spacing=0).due(1, 10**6)
+    h = writer_history(17, 8, 30)
+    since = 0
+    with medustore.open(tmp_path / "run", "w", model=h.w0, policy="full",
+                        retention=retention) as store:
+        for n, r in enumerate(h.rounds, start=1):
+            store.record_round(r.t, r.updates, weights=r.weights)
+            since += 1
+            if since >= max(2, 0.25 * n):
+                since = 0
+            # kept: the latest, and the rounds committed since the last compaction
+            assert len(store.versions()) == min(n, 1 + since), (n, since)
+    assert since > 0  # the run ended between compactions: close compacted the rest
+    with medustore.open(tmp_path / "run", "r") as reader:
+        assert reader.versions() == [h.rounds[-1].t]
+
+
 def test_retention_keeps_the_last_versions_and_tagged_ones(tmp_path: Path) -> None:
     seed, m = 16, 24
     path = tmp_path / "run"

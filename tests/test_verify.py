@@ -277,9 +277,13 @@ def test_garbage_is_a_note(copy) -> None:
 
 
 def _chunk_files(plain: Path) -> list[tuple[str, tuple[int, ...]]]:
-    return sorted((str(p.relative_to(plain)), tuple(int(x) for x in p.relative_to(
-        plain / p.relative_to(plain).parts[0] / "c").parts))
-        for p in plain.rglob("*") if p.is_file() and p.name != "zarr.json")
+    out = []
+    for p in plain.rglob("*"):
+        if p.is_file() and p.name != "zarr.json":
+            array, _, coords = str(p.relative_to(plain)).partition("/c/")
+            out.append((str(p.relative_to(plain)), array,
+                        tuple(int(x) for x in coords.split("/"))))
+    return sorted(out)
 
 
 def _need(store: medustore.UpdateStore, array: str, lead: tuple[int, ...]) -> tuple[
@@ -303,16 +307,23 @@ def _need(store: medustore.UpdateStore, array: str, lead: tuple[int, ...]) -> tu
 
 def test_plain_export_deleted_chunks(archives: dict[str, Path], copy) -> None:
     """Each chunk file of a plain export, deleted in turn: the reads that need it raise,
-    verify names it as missing; a missing index chunk is refused at open."""
+    verify names it as missing. Opening reads the per-round tables and round 0's rows
+    (each index table's only chunk here): a missing one is refused at open; a missing
+    user-run chunk by the first lookup, and verify reports it."""
     seen = set()
-    for i, (rel, coords) in enumerate(_chunk_files(archives["plain"])):
+    for i, (rel, array, coords) in enumerate(_chunk_files(archives["plain"])):
         archive = copy("plain", f"-{i}")
         (archive / rel).unlink()
-        array = rel.split("/")[0]
         seen.add(array)
-        if array not in ("records", "aggregate", "initial", "model", "acc"):
+        if array in ("rounds", "round_facts", "links", "entries", "entry_facts", "users"):
             with pytest.raises(DamagedArchiveError, match=array):
                 medustore.open(archive)
+            continue
+        if array.startswith("postings/"):
+            with medustore.open(archive) as store:
+                with pytest.raises(DamagedArchiveError, match="user index"):
+                    store.unlearn(USERS[0])  # takes part in every round: in every run
+                assert not verify(store, progress=False).ok
             continue
         lead, chunk = coords[:-1], coords[-1]
         with medustore.open(archive) as store, warnings.catch_warnings():
@@ -325,7 +336,8 @@ def test_plain_export_deleted_chunks(archives: dict[str, Path], copy) -> None:
             ("missing", array, t, u, chunk)], rel
         shutil.rmtree(archive)
     assert seen == {"records", "aggregate", "initial", "model", "acc", "rounds",
-                    "round_facts", "entries", "entry_facts", "users"}
+                    "round_facts", "links", "entries", "entry_facts", "users", "postings/L0",
+                    "postings/L1"}
 
 
 def test_zipped_export_with_folder_entries(archives: dict[str, Path], tmp_path: Path) -> None:
@@ -431,6 +443,29 @@ def _edit_attr(path: tuple[str, ...], value: Any) -> Callable[[zarr.Group], None
         group.attrs["medustore"] = meta
 
     return change
+
+
+def _reweigh_last_entry(group: zarr.Group) -> None:
+    facts = group["entry_facts"]
+    facts[-1, 0] = facts[-1, 0] * 2.0
+
+
+def test_edited_round_is_refused_by_reads_and_verify(copy) -> None:
+    # A reader checks a round's participations against that round's link when it first
+    # reads them: an edit of the last round opens, is refused there, and verify reports it.
+    archive = copy("medu")
+    _edit(archive, _reweigh_last_entry)
+    with medustore.open(archive) as store:
+        store.latest()  # reads that need no participation rows still work
+        for read in (lambda: store.error_budget(USERS[0]), lambda: store.unlearn(USERS[0]),
+                     lambda: store.side("weight")):
+            with pytest.raises(DamagedArchiveError, match="link"):
+                read()
+    result = cli("verify", archive)
+    assert result.exit_code == 1
+    assert "result: DAMAGED (1 problem)" in result.stdout and "link" in result.stdout
+    data = json.loads(cli("verify", archive, "--json").stdout)
+    assert [(p["kind"], p["array"]) for p in data["problems"]] == [("invalid", "archive")]
 
 
 @pytest.mark.parametrize("change", [

@@ -8,12 +8,14 @@ missing chunk never reads as the fill value.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from medustore.archive.postings import Runs
 from medustore.archive.table import TABLE, check_array, spec
 from medustore.errors import (
     DamagedArchiveError,
@@ -64,6 +66,7 @@ class ArchiveReader:
         for s in TABLE:
             if s.exists(flags):
                 self.arrays[s.name] = _open_array(group, s.name, where)
+        self.group = group
         self._store = group.store
         for name, arr in self.arrays.items():
             problem = check_array(spec(name), arr, index.settings.model_dtype)
@@ -123,9 +126,11 @@ class ArchiveReader:
     def record_of(self, row: int, col: int) -> np.ndarray | None:
         """The record of user column ``col`` in row ``row``, or None if not stored."""
         e = self.index.entry(row, col)
-        if e is None or self.index.entry_record[e] < 0:
+        if e is None:
             return None
-        return self.record(int(self.index.entry_record[e]), self.describe(row, col))
+        rr = self.index.round_rows(row)
+        rec = int(rr.record[e - rr.first])
+        return None if rec < 0 else self.record(rec, self.describe(row, col))
 
     def aggregate(self, row: int) -> np.ndarray:
         """The (decoded) aggregate of row ``row``."""
@@ -146,10 +151,11 @@ class ArchiveReader:
         """The exact accumulator ``A^u`` of user column ``col`` (float64)."""
         if "acc" not in self.arrays:
             raise ValueError("this archive keeps no accumulators")
-        return self.read("acc", (col,), f"accumulator of user {self.index.users[col]!r}")
+        return self.read("acc", (col,), f"accumulator of user {self.index.user_id(col)!r}")
 
     def describe(self, row: int, col: int) -> str:
-        return f"record of user {self.index.users[col]!r} in round {int(self.index.rounds[row])}"
+        return (f"record of user {self.index.user_id(col)!r} in round "
+                f"{int(self.index.rounds[row])}")
 
     def nbytes_stored(self) -> int:
         """Bytes of every object of this version (data, index and metadata)."""
@@ -200,21 +206,97 @@ def _brief(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line(err)}"
 
 
-def read_index(group: zarr.Group, snapshot: str | None, where: str) -> ArchiveIndex:
-    """The checked index of the version ``group`` belongs to."""
+def read_index(group: zarr.Group, snapshot: str | None, where: str, *,
+               lazy: bool = True) -> ArchiveIndex:
+    """The checked index of the version ``group`` belongs to.
+
+    ``lazy``: for an archive with round links and user runs (`Settings.sparse`), read only
+    the per-round tables now, and a round's participations or a user's when asked (a
+    reader); otherwise load and check every table (a writer).
+    """
     settings, meta = read_settings(group, where)
     counts = meta.get("counts")
     digest = meta.get("digest")
     if not isinstance(counts, Mapping) or not isinstance(digest, str):
         raise DamagedArchiveError(f"{where}: archive counts or digest missing from metadata")
     try:
-        n = {k: int(counts[k]) for k in ("round", "entry", "user")}
+        n = {k: int(counts[k]) for k in ("round", "entry", "user", "record")}
     except (KeyError, TypeError, ValueError):
         raise DamagedArchiveError(f"{where}: archive counts are damaged: {counts!r}") from None
+    rounds = _read_table(group, "rounds", n["round"], where)
+    facts = _read_table(group, "round_facts", n["round"], where)
+    links = _read_table(group, "links", n["round"], where) if settings.sparse else None
+    if lazy and settings.sparse:
+        return ArchiveIndex.lazy(settings, rounds, facts, links, n, digest, snapshot,
+                                 _TableSource(group, n, rounds, where))
     users = [str(u) for u in _read_table(group, "users", n["user"], where)]
     return load_index(
-        settings, users, _read_table(group, "rounds", n["round"], where),
-        _read_table(group, "round_facts", n["round"], where),
-        _read_table(group, "entries", n["entry"], where),
-        _read_table(group, "entry_facts", n["entry"], where), digest, snapshot, where)
+        settings, users, rounds, facts, _read_table(group, "entries", n["entry"], where),
+        _read_table(group, "entry_facts", n["entry"], where), digest, snapshot, where, links)
 
+
+class _TableSource:
+    """The index tables of one version, read piecewise (`medustore.index.IndexSource`)."""
+
+    def __init__(self, group: zarr.Group, counts: Mapping[str, int], rounds: np.ndarray,
+                 where: str) -> None:
+        self.group, self.where, self._counts = group, where, counts
+        start = np.concatenate([[0], np.cumsum(rounds[:, 1])]).astype(np.int64)
+        self._runs = Runs(group, counts["round"], start, where)
+        self._arrays: dict[str, zarr.Array] = {}
+        self._lock = threading.Lock()
+
+    def _array(self, name: str) -> zarr.Array:
+        with self._lock:
+            if name not in self._arrays:
+                arr = _open_array(self.group, name, self.where)
+                problem = check_array(spec(name), arr, "f4")
+                if problem:
+                    raise DamagedArchiveError(f"{self.where}: {problem}")
+                n = self._counts[spec(name).dims[0]]
+                if arr.shape[0] != n:
+                    raise DamagedArchiveError(f"{self.where}: index array {name} has "
+                                              f"{arr.shape[0]} rows, the archive's counts "
+                                              f"say {n}")
+                self._arrays[name] = arr
+            return self._arrays[name]
+
+    def rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return (_read_rows(self._array("entries"), lo, hi, self.where),
+                _read_rows(self._array("entry_facts"), lo, hi, self.where))
+
+    def user_texts(self, lo: int, hi: int) -> list[str]:
+        if lo == hi:
+            return []
+        return [str(u) for u in _read_rows(self._array("users"), lo, hi, self.where)]
+
+    def tables(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        n = self._counts
+        return ([str(u) for u in _read_table(self.group, "users", n["user"], self.where)],
+                _read_table(self.group, "entries", n["entry"], self.where),
+                _read_table(self.group, "entry_facts", n["entry"], self.where))
+
+    def lookup(self, key: int) -> np.ndarray:
+        return self._runs.lookup(key)
+
+
+def _read_rows(arr: zarr.Array, lo: int, hi: int, where: str) -> np.ndarray:
+    """Rows ``[lo, hi)`` of an index array, after checking that their chunks exist."""
+    name = arr.path.rpartition("/")[2]
+    rows = arr.chunks[0]
+    try:
+        for k in range(lo // rows, -(-hi // rows)):
+            key = chunk_key(arr, (k,) if arr.ndim == 1 else (k, 0))
+            if not sync(arr.store.exists(key)):
+                raise DamagedArchiveError(f"{where}: chunk {key} of index array {name} is "
+                                          "missing")
+        data = arr[lo:hi]
+    except DamagedArchiveError:
+        raise
+    except Exception as err:
+        raise DamagedArchiveError(f"{where}: index array {name} does not read: "
+                                  f"{_brief(err)}") from err
+    s = spec(name)
+    if s.dtype == "str":
+        return np.asarray(data, dtype=object)
+    return np.asarray(data, dtype=s.dtype).reshape(hi - lo, *arr.shape[1:])

@@ -2,7 +2,9 @@
 
 Creation, opening, the writer, verify and export all read `TABLE`. Every array grows along
 its first dimension only, by appending; nothing a round writes is rewritten by a later
-round except ``model`` (w_T) and the accumulator rows of that round's participants.
+round except ``model`` (w_T), the accumulator rows of that round's participants and the
+tail chunks of the index tables. Besides these arrays, the user runs of
+`medustore.archive.postings` (group ``postings``) are merged LSM-style.
 
 Dimensions::
 
@@ -120,6 +122,10 @@ TABLE: tuple[ArraySpec, ...] = (
     ArraySpec("entry_facts", ("entry", "field"), "f8", (_ENTRY_ROWS, "field"), "index",
               fields=("weight", "dnorm", "znorm", "evar")),
     ArraySpec("users", ("user",), "str", (_USER_ROWS,), "index"),
+    # The digest chain after each round (32 bytes as 4 int64): a reader checks the rows of
+    # one round against it without reading the others.
+    ArraySpec("links", ("round", "field"), "i8", (_ROUND_ROWS, "field"), "index",
+              fields=("d0", "d1", "d2", "d3"), when="sparse"),
     # Data.
     ArraySpec("records", ("record", "param"), "f4", (1, "param"), "record"),
     ArraySpec("aggregate", ("round", "param"), "f4", (1, "param"), "aggregate",

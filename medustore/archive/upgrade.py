@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from medustore.archive import postings
 from medustore.archive.reader import FORMAT_VERSION, chunk_key
 from medustore.archive.repository import Repository
 from medustore.archive.storage import parse_location
@@ -28,7 +29,7 @@ from medustore.errors import DamagedArchiveError, NotAnArchiveError, Unsupported
 from medustore.index import ArchiveIndex, Settings, chain, parse_user, user_text
 from medustore.layout import ModelLayout
 from medustore.policy import MeduPolicy
-from medustore.writer import create_arrays, write_meta
+from medustore.writer import create_arrays, link_row, write_meta
 
 __all__ = ["upgrade"]
 
@@ -116,6 +117,7 @@ def upgrade(old: Any, new: Any, *, progress: bool | None = None) -> int:
         rounds_rows, facts_rows, entry_rows, efact_rows, pairs = [], [], [], [], []
         zero_records: list[int] = []
         digest = settings.digest0()
+        links: list[np.ndarray] = []
         n_rec, seen = 0, 0
         anorm = group["anorm"][:R] if "anorm" in group else np.zeros(R)
         agg_evar = group["agg_evar"][:R]
@@ -155,6 +157,7 @@ def upgrade(old: Any, new: Any, *, progress: bool | None = None) -> int:
             ef = np.array(efacts, dtype=np.float64).reshape(-1, 4)
             digest = chain(digest, r_row, f_row, e, ef,
                            [user_text(u) for u in users[seen:after]])
+            links.append(link_row(digest))
             seen = after
             rounds_rows.append(r_row)
             facts_rows.append(f_row)
@@ -178,6 +181,10 @@ def upgrade(old: Any, new: Any, *, progress: bool | None = None) -> int:
             arrays[name].resize(rows.shape)
             if rows.size:
                 arrays[name][...] = rows
+        arrays["links"].resize((R, 4))
+        if R:
+            arrays["links"][...] = np.stack(links)
+        postings.write_runs(dst, R, index.start, index.user_keys()[index.entry_user])
         arrays["users"].resize((len(users),))
         if users:
             arrays["users"][:] = np.array([user_text(u) for u in users], dtype=object)
