@@ -23,7 +23,9 @@ from medustore.errors import NotAnArchiveError, ReadOnlyError
 from medustore.index import ArchiveIndex, Settings, UserId, parse_round
 from medustore.layout import ModelLayout, OutputKind
 from medustore.policy import MeduPolicy, parse_policy
+from medustore.pipeline import Pipeline
 from medustore.writer import (
+    Ahead,
     RoundSummary,
     create_arrays,
     local_updates,
@@ -46,6 +48,7 @@ def open_store(
     storage_options: Mapping[str, Any] | None = None,
     as_of_round: int | None = None,
     retention: Retention | None = None,
+    pipeline: int = 0,
 ) -> UpdateStore:
     """Open or create a medustore archive.
 
@@ -77,6 +80,12 @@ def open_store(
     retention
         Which old versions a writer keeps (default `Retention()`: the latest, and versions
         replaced in the last minute for readers that hold them).
+    pipeline
+        Writers: commit rounds in the background, at most this many waiting
+        (`medustore.pipeline`): `UpdateStore.record_round` returns once the round is
+        validated and planned (the next model is known), coding and the commit overlap the
+        next round's training. `UpdateStore.flush` waits for them; reads and `close` do too.
+        0 (default): every round is committed before `record_round` returns.
     """
     if mode not in ("r", "r+", "a", "w", "w-"):
         raise ValueError(f"mode must be one of 'r', 'r+', 'a', 'w', 'w-', got {mode!r}")
@@ -94,7 +103,7 @@ def open_store(
                     raise ReadOnlyError(f"{loc.text} is a plain Zarr snapshot (an export): "
                                         "read-only; open it with mode 'r'")
                 store = UpdateStore(repo, read_only=mode == "r", as_of_round=as_of_round,
-                                    retention=retention)
+                                    retention=retention, pipeline=pipeline)
                 store.storage_options = dict(storage_options) if storage_options else None
                 return store
             except BaseException:
@@ -122,7 +131,7 @@ def open_store(
         create_arrays(group, settings, {"record": pol.record_serializer(),
                                         "aggregate": pol.aggregate_serializer()}, initial)
         session.commit("create archive", metadata={"medustore": {"round": None}})
-        store = UpdateStore(repo, read_only=False, retention=retention)
+        store = UpdateStore(repo, read_only=False, retention=retention, pipeline=pipeline)
         store.storage_options = dict(storage_options) if storage_options else None
         return store
     except BaseException:
@@ -138,9 +147,14 @@ class UpdateStore:
     """
 
     def __init__(self, repo: Repository, *, read_only: bool, as_of_round: int | None = None,
-                 retention: Retention | None = None) -> None:
+                 retention: Retention | None = None, pipeline: int = 0) -> None:
         self._repo = repo
         self.read_only = read_only
+        if pipeline and read_only:
+            raise ValueError("pipeline=N queues rounds for a writer: open with mode 'r+', "
+                             "'a' or 'w'")
+        self._pipeline = Pipeline(pipeline) if pipeline else None
+        self._ahead: Ahead | None = None  # planning state past the committed index
         self.retention = retention or Retention()
         #: The options the archive was opened with (distributed replay passes them on).
         self.storage_options: dict | None = None
@@ -151,8 +165,9 @@ class UpdateStore:
         group, sid = self._repo.snapshot(None if as_of_round is None else
                                          parse_round(as_of_round))
         # A reader loads what it is asked for; a writer needs every user and entry.
-        self._index = read_index(group, sid, self.location, lazy=self.read_only)
-        self._reader: ArchiveReader | None = ArchiveReader(group, self._index, self.location)
+        self._committed = read_index(group, sid, self.location, lazy=self.read_only)
+        self._reader: ArchiveReader | None = ArchiveReader(group, self._committed,
+                                                           self.location)
         self._latest: np.ndarray | None = None  # w_T as the writer last wrote it
 
     # ------------------------------------------------------------------ context manager
@@ -164,10 +179,15 @@ class UpdateStore:
         self.close()
 
     def close(self) -> None:
-        """Compact (writers, unless ``Retention(every=0)``) and release the archive."""
+        """Commit the queued rounds (pipelined stores), compact (writers, unless
+        ``Retention(every=0)``) and release the archive; a round that failed in the
+        background raises here, after the archive is released."""
         if self._repo is None:
             return
         try:
+            if self._pipeline is not None:
+                pipe, self._pipeline = self._pipeline, None
+                pipe.close()
             if not self.read_only and self.retention.every and self._repo.versioned:
                 self._repo.compact(self.retention)
         finally:
@@ -182,6 +202,14 @@ class UpdateStore:
     # ------------------------------------------------------------------ the read contract
 
     @property
+    def _index(self) -> ArchiveIndex:
+        # The committed index; with rounds queued in the background (pipeline=N), it waits
+        # for them first, so that every read sees every round recorded.
+        if self._pipeline is not None:
+            self._pipeline.flush()
+        return self._committed
+
+    @property
     def index(self) -> ArchiveIndex:
         """The frozen index of the version this store holds."""
         return self._index
@@ -189,9 +217,13 @@ class UpdateStore:
     @property
     def reader(self) -> ArchiveReader:
         """Checked reads of the version this store holds."""
+        _ = self._index  # waits for queued rounds
+        return self._committed_reader()
+
+    def _committed_reader(self) -> ArchiveReader:
         if self._reader is None:
-            group, _ = self._repo.snapshot(snapshot_id=self._index.snapshot)
-            self._reader = ArchiveReader(group, self._index, self.location)
+            group, _ = self._repo.snapshot(snapshot_id=self._committed.snapshot)
+            self._reader = ArchiveReader(group, self._committed, self.location)
         return self._reader
 
     @property
@@ -326,8 +358,11 @@ class UpdateStore:
         """
         if self.read_only:
             raise ReadOnlyError("this archive is open read-only; open it with mode 'r+' or 'a'")
+        pipe = self._pipeline
+        if pipe is not None:
+            pipe.check()
         if self._latest is None:
-            self._latest = self.reader.model()
+            self._latest = self._committed_reader().model()
         w_before = (self._latest.astype(np.float64) if global_before is None else
                     self.layout.flatten(global_before, "global_before", dtype=np.float64))
         if (updates is None) == (models is None):
@@ -335,21 +370,41 @@ class UpdateStore:
                             "models= (the local models), not both or neither")
         if models is not None:
             updates = local_updates(self.layout, models, w_before)
-        plan = plan_round(self._index, round, updates, weights, w_before)
-        with self._repo.transaction(parent=self._index.snapshot, round=plan.round,
+        if pipe is None:
+            plan = plan_round(self._committed, round, updates, weights, w_before)
+            self._latest = plan.model
+            return RoundSummary(plan.round, len(plan.users), int(plan.keep.sum()),
+                                self._commit(plan))
+        if self._ahead is None:
+            self._ahead = Ahead(self._committed)
+        plan = plan_round(self._ahead, round, updates, weights, w_before)
+        self._ahead.planned(plan)
+        self._latest = plan.model
+        pipe.submit(lambda: self._commit(plan), f"round {plan.round}")
+        return RoundSummary(plan.round, len(plan.users), int(plan.keep.sum()), None)
+
+    def _commit(self, plan: Any) -> int:
+        """Write and commit a planned round (in the caller's thread, or the pipeline's)."""
+        with self._repo.transaction(parent=self._committed.snapshot, round=plan.round,
                                     message=f"round {plan.round}") as (group, done):
             # Accumulator rows are read from the committed version only when the archive
             # keeps them: reopening that version costs 15-30 ms per round otherwise.
-            index, nbytes = write_round(group, self._index, plan,
-                                        lambda col: self.reader.accumulator(col))
-        self._index = _with_snapshot(index, done[0])
+            index, nbytes = write_round(group, self._committed, plan,
+                                        lambda col: self._committed_reader().accumulator(col))
+        self._committed = _with_snapshot(index, done[0])
         self._reader = None  # opened again when a read needs it
-        self._latest = plan.model
         self._since_compact += 1
-        if self.retention.due(self._since_compact, self._index.n_rounds):
+        if self.retention.due(self._since_compact, index.n_rounds):
             self._repo.compact(self.retention, sweep=False)
             self._since_compact = 0
-        return RoundSummary(plan.round, len(plan.users), int(plan.keep.sum()), nbytes)
+        return nbytes
+
+    def flush(self) -> None:
+        """Wait until every recorded round is committed (pipelined stores; a no-op
+        otherwise); raises the error of a round that failed in the background."""
+        if self._pipeline is not None:
+            self._pipeline.flush()
+            self._ahead = None  # planning starts again from the committed index
 
     # ------------------------------------------------------------------ versions
 

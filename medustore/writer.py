@@ -30,7 +30,8 @@ from medustore.index import ArchiveIndex, Settings, chain, parse_round, parse_us
 from medustore.layout import ModelLayout
 from medustore.segments import chunk_segments
 
-__all__ = ["RoundPlan", "RoundSummary", "initial_tables", "plan_round", "write_round"]
+__all__ = ["Ahead", "RoundPlan", "RoundSummary", "initial_tables", "plan_round",
+           "write_round"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class RoundSummary:
     round: int
     participants: int
     stored: int
-    nbytes: int
+    #: encoded bytes of the round's records (None for a pipelined round: not written yet)
+    nbytes: int | None
 
     def __iter__(self):  # unpacks like the tuple it used to be
         return iter((self.round, self.participants, self.stored, self.nbytes))
@@ -160,12 +162,62 @@ def _parse_weights(users: list[Any], weights: Mapping[Any, float] | None) -> np.
     return p
 
 
+def _map(fn: Any, items: Any) -> list:
+    """``[fn(x) for x in items]`` on the writer's threads (numpy releases the GIL)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    return list(_pool().map(fn, items))
+
+
+def _spans(m: int) -> list[slice]:
+    """The model cut in one piece per coder thread (64 KiB-aligned)."""
+    step = -(-m // _CODERS)
+    step = -(-step // 8192) * 8192
+    return [slice(a, min(a + step, m)) for a in range(0, m, step)]
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_CODERS, thread_name_prefix="medustore-plan")
+    return _POOL
+
+
 def _overflow(x: np.ndarray, dtype: Any) -> bool:
     with np.errstate(over="ignore", invalid="ignore"):
         return not bool(np.isfinite(x.astype(dtype)).all())
 
 
-def plan_round(index: ArchiveIndex, round: Any, updates: Any,
+class Ahead:
+    """What planning needs of an index, counting rounds planned but not yet committed
+    (pipelined rounds): last round, user columns, counts. Rounds commit in plan order, so
+    the columns given to new users here are the ones their commit gives them."""
+
+    def __init__(self, index: ArchiveIndex) -> None:
+        self._index = index
+        self.settings, self.layout, self.policy = index.settings, index.layout, index.policy
+        self.last_round, self.n_rounds, self.n_users = (index.last_round, index.n_rounds,
+                                                        index.n_users)
+        self._new: dict[Any, int] = {}
+
+    def find(self, user: Any) -> int | None:
+        col = self._index.find(user)
+        return col if col is not None else self._new.get(parse_user(user))
+
+    def planned(self, plan: RoundPlan) -> None:
+        """Count ``plan`` as if committed."""
+        self.last_round = plan.round
+        self.n_rounds += 1
+        for u in plan.new_users:
+            self._new[u] = self.n_users
+            self.n_users += 1
+
+
+def plan_round(index: ArchiveIndex | Ahead, round: Any, updates: Any,
                weights: Mapping[Any, float] | None, w_before: np.ndarray) -> RoundPlan:
     """Validate a round and compute everything it stores (nothing is written)."""
     settings, layout, pol = index.settings, index.layout, index.policy
@@ -178,7 +230,7 @@ def plan_round(index: ArchiveIndex, round: Any, updates: Any,
     p = _parse_weights(users, weights)
     known = {u: index.find(u) for u in users}
     new = [u for u in users if known[u] is None]
-    col_of = {u: len(index.users) + new.index(u) if known[u] is None else known[u]
+    col_of = {u: index.n_users + new.index(u) if known[u] is None else known[u]
               for u in users}
     order = np.argsort([col_of[u] for u in users], kind="stable")
     users = [users[i] for i in order]
@@ -188,25 +240,39 @@ def plan_round(index: ArchiveIndex, round: Any, updates: Any,
 
     P = float(p.sum())
     hbar = np.zeros(layout.size, dtype=np.float64)
-    for pu, h in zip(p, vecs, strict=True):
-        hbar += (pu / P) * h.astype(np.float64)  # a float32 product would round first
+
+    def accumulate(span: slice) -> None:  # element-wise: any split gives the same sums
+        part = hbar[span]
+        term = np.empty(part.size)
+        for pu, h in zip(p, vecs, strict=True):
+            np.multiply(h[span], pu / P, out=term, dtype=np.float64)  # float32 would round
+            part += term
+
+    _map(accumulate, _spans(layout.size))
     # hbar is a convex combination of float32 updates: it cannot overflow float32.
-    dvecs = []
-    for u, h in zip(users, vecs, strict=True):
-        d = h.astype(np.float64) - hbar
-        if _overflow(d, np.float32):
+
+    def differential(h: np.ndarray) -> tuple[np.ndarray, float]:
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = np.subtract(h, hbar, dtype=np.float64).astype(np.float32)
+        return d, (float(np.linalg.norm(d.astype(np.float64))) if np.isfinite(d).all()
+                   else math.nan)
+
+    dvecs, dnorms = zip(*_map(differential, vecs), strict=True)
+    for u, d in zip(users, dvecs, strict=True):
+        if not np.isfinite(d).all():
             raise ValueError(f"the differential of user {u!r} (update minus the round's "
                              "aggregate) overflows float32; the updates are too large")
-        dvecs.append(d.astype(np.float32))
-    dnorm = np.array([np.linalg.norm(d.astype(np.float64)) for d in dvecs])
+    dnorm = np.array(dnorms)
     anorm = float(np.linalg.norm(hbar))
     if not (np.isfinite(dnorm).all() and math.isfinite(anorm)):
         raise ValueError("the round's updates are too large: their norms overflow float64")
     keep = pol.select(users, p, dnorm, anorm)
     segments = chunk_segments(layout, settings.chunk)
     znorm, evar = np.zeros(len(users)), np.zeros(len(users))
-    for i in np.flatnonzero(keep):
-        evar[i], znorm[i], _ = pol.expected_error(dvecs[i], segments)
+    kept = np.flatnonzero(keep)
+    for i, (ev, zn, _) in zip(kept, _map(lambda i: pol.expected_error(dvecs[i], segments),
+                                        kept), strict=True):
+        evar[i], znorm[i] = ev, zn
 
     model = w_before + hbar
     if _overflow(model, settings.model_dtype):

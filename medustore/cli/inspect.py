@@ -31,6 +31,7 @@ from medustore.cli._common import (
 from medustore.index import ArchiveIndex
 from medustore.replay import error_budget
 from medustore.store import UpdateStore
+from medustore.tensor_error import tensor_errors
 
 __all__ = ["archive_summary", "folder_listing", "format_folder", "format_summary",
            "inspect_command"]
@@ -175,6 +176,34 @@ def archive_summary(store: UpdateStore, *, top: int | None = None, budgets: bool
         "per_round": per_round,
         "per_user": per_user,
     }
+
+
+def tensor_summary(store: UpdateStore) -> dict[str, list[dict] | None]:
+    """Per-tensor coding error of the stored records and aggregates (`tensor_errors`)."""
+    out: dict[str, list[dict] | None] = {}
+    for name in ("records", "aggregate"):
+        lossy = name in store.reader.arrays and (
+            store.index.n_records if name == "records" else store.index.n_rounds)
+        out[name] = ([e.to_json() for e in tensor_errors(store, name)] if lossy else None)
+    return out
+
+
+def format_tensors(tensors: dict[str, list[dict] | None]) -> str:
+    """The ``--tensors`` table: one row per tensor, records and aggregates side by side."""
+    rec, agg = tensors["records"] or [], tensors["aggregate"] or []
+    by_name = {r["tensor"]: r for r in agg}
+    rows = []
+    for r in rec or agg:
+        a = by_name.get(r["tensor"], {}) if rec else r
+        rows.append([r["tensor"], f"{r['params']:,}",
+                     fmt_float(r["noise_rms"], ".3g") if rec else "-",
+                     fmt_float(r["relative"], ".3g") if rec else "-",
+                     fmt_float(a.get("noise_rms"), ".3g"), fmt_float(a.get("relative"), ".3g")])
+    if not rows:
+        return "No stored records or aggregates: no coding error to show."
+    return format_table(["tensor", "params", "record noise rms", "record rel. error",
+                         "aggregate noise rms", "aggregate rel. error"], rows,
+                        right=[False] + [True] * 5)
 
 
 def _pct(x: float, of: float) -> str:
@@ -397,11 +426,14 @@ def _inspect_folder(archive: str, err: CliError, as_of_round: int | None) -> dic
 @click.option("--top", type=click.IntRange(min=1), metavar="N",
               help="Limit the tables to the N rounds / users with the most stored bytes "
                    "(shows both tables unless --rounds or --users is given).")
+@click.option("--tensors", "tensors_table", is_flag=True,
+              help="Add each tensor's coding error over the stored records and aggregates "
+                   "(decodes them all; from the chunks' cell sizes).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON document (both tables included) and nothing else.")
 @archive_options
 def inspect_command(archive: str, rounds_table: bool, users_table: bool, top: int | None,
-                    as_json: bool, as_of_round: int | None,
+                    tensors_table: bool, as_json: bool, as_of_round: int | None,
                     storage_options: dict[str, str]) -> None:
     """Summarise ARCHIVE: versions, model, rounds, users, policy, codecs, size and error
     budget.
@@ -418,6 +450,8 @@ def inspect_command(archive: str, rounds_table: bool, users_table: bool, top: in
             with reading():
                 summary = archive_summary(store, top=top, name=archive,
                                           as_of_round=as_of_round)
+                if tensors_table:
+                    summary["tensors"] = tensor_summary(store)
     except CliError as err:
         listing = _inspect_folder(archive, err, as_of_round)
         if listing is None:
@@ -433,3 +467,5 @@ def inspect_command(archive: str, rounds_table: bool, users_table: bool, top: in
     if top is not None and not (rounds_table or users_table):
         rounds_table = users_table = True
     click.echo(format_summary(summary, rounds_table=rounds_table, users_table=users_table))
+    if tensors_table:
+        click.echo("\n" + format_tensors(summary["tensors"]))

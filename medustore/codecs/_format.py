@@ -41,6 +41,7 @@ import struct
 import zlib
 
 import numpy as np
+from numcodecs.compat import ensure_contiguous_ndarray_like, ensure_ndarray_like
 
 __all__ = [
     "DTYPES",
@@ -50,9 +51,11 @@ __all__ = [
     "VALUE_ALLOWANCE",
     "ChunkReader",
     "as_float_array",
+    "as_out_array",
     "check_claim",
     "check_count",
     "check_finite",
+    "float_dtype",
     "frame",
     "norm",
     "rms",
@@ -78,15 +81,118 @@ MAX_VALUES_PER_BYTE = 256
 _CRC = struct.Struct("<I")
 
 
-def as_float_array(buf: object, codec: str) -> np.ndarray:
-    """Flat view of a float16/32/64 array-like, or a TypeError naming the fix."""
-    arr = np.asarray(buf)
+def float_dtype(dtype: object, codec: str) -> np.dtype | None:
+    """The chunk dtype a codec's ``dtype`` setting names (None: infer it from the input).
+
+    Only the little-endian float16/32/64 of the chunk header are accepted: raw bytes are
+    read in that byte order and decode in it, so they come back byte for byte.
+    """
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        dt = None
+    if dt not in DTYPE_CODES:
+        raise ValueError(
+            f"{codec} `dtype` must be None (infer from a float array) or one of "
+            f"'<f2', '<f4', '<f8' (float16/32/64, little-endian), got {dtype!r}"
+        )
+    return dt
+
+
+def as_float_array(buf: object, codec: str, dtype: object = None) -> np.ndarray:
+    """Flat little-endian view of a chunk's float16/32/64 values.
+
+    Parameters
+    ----------
+    buf
+        A float array-like; with ``dtype`` also any object exporting the buffer protocol
+        (bytes, bytearray, memoryview, array.array, integer or byte arrays ...).
+    codec
+        Names the codec (and its setting) in error messages.
+    dtype
+        The codec's ``dtype`` setting (see `float_dtype`). None: ``buf`` must be a float
+        array, whose dtype is the chunk's. Given: untyped or integer buffers are *viewed*
+        (not converted) as that dtype; typed float data must already be of that dtype.
+
+    Raises
+    ------
+    TypeError
+        Not a float array (no ``dtype``), or float data of another dtype than ``dtype``:
+        a silent cast would change the values' precision, so it is refused.
+    ValueError
+        A byte length that is not a multiple of the dtype's item size, or a strided buffer.
+    """
+    dt = float_dtype(dtype, codec)
+    arr = None
+    if dt is not None and not isinstance(buf, np.ndarray):
+        try:
+            arr = ensure_ndarray_like(buf)  # a view of any buffer-protocol object
+        except TypeError:
+            arr = None  # no buffer protocol (a list, a tensor): converted as before
+    if arr is None:
+        arr = np.asarray(buf)
+    if dt is not None and arr.dtype.kind != "f":
+        return _view_as(arr, codec, dt)
     if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(
             f"{codec} encodes float16, float32 or float64 arrays, got dtype {arr.dtype}; "
-            "cast with .astype(np.float32) first"
+            "cast with .astype(np.float32) first, or set the codec's `dtype` to read raw "
+            "bytes"
         )
-    return np.ascontiguousarray(arr).reshape(-1).astype(arr.dtype.newbyteorder("<"), copy=False)
+    little = arr.dtype.newbyteorder("<")
+    if dt is not None and little != dt:
+        raise TypeError(
+            f"{codec} has dtype={dt.str!r} but was given {arr.dtype.name} values; cast "
+            f"with .astype({dt.str!r}) first, or set dtype={little.str!r} (or None to "
+            "infer it from the array)"
+        )
+    if dt is not None and arr.flags.f_contiguous and not arr.flags.c_contiguous:
+        # Memory order, as the same array's raw bytes would be read (numcodecs' order "A")
+        flat = arr.reshape(-1, order="F")
+    else:
+        flat = np.ascontiguousarray(arr).reshape(-1)
+    return flat.astype(little, copy=False)
+
+
+def _view_as(arr: np.ndarray, codec: str, dt: np.dtype) -> np.ndarray:
+    """``arr``'s bytes viewed (no copy) as a flat array of ``dt``."""
+    if arr.dtype == object:
+        raise TypeError(f"{codec} cannot read raw bytes from an object array")
+    try:
+        raw = ensure_contiguous_ndarray_like(arr)
+    except ValueError:
+        raise ValueError(
+            f"{codec}: a buffer viewed as {dt.str!r} must be contiguous; pass a copy "
+            "(np.ascontiguousarray) of a strided array"
+        ) from None
+    if raw.nbytes % dt.itemsize:
+        raise ValueError(
+            f"{codec} has dtype={dt.str!r} ({dt.itemsize} bytes per value) but was given "
+            f"{raw.nbytes} bytes, not a whole number of values; pass the chunk's exact bytes "
+            "or set `dtype` to the type they hold"
+        )
+    return raw.view(np.uint8).view(dt)
+
+
+def as_out_array(out: object, codec: str) -> np.ndarray | None:
+    """A view of a decoder's ``out`` (any writable buffer-protocol object, or None)."""
+    if out is None:
+        return None
+    try:
+        arr = ensure_ndarray_like(out)
+    except TypeError:
+        raise TypeError(
+            f"{codec}: `out` must be a writable array or buffer (bytearray, memoryview, "
+            f"numpy array ...), got {type(out).__name__}"
+        ) from None
+    if not arr.flags.writeable:
+        raise ValueError(
+            f"{codec}: `out` is read-only ({type(out).__name__}); pass a writable buffer "
+            "such as a bytearray or a numpy array"
+        )
+    return arr
 
 
 def norm(x: np.ndarray) -> float:

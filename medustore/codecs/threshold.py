@@ -45,17 +45,19 @@ from medustore.codecs._format import (
     DTYPES,
     ChunkReader,
     as_float_array,
+    as_out_array,
     check_claim,
     check_count,
     check_finite,
+    float_dtype,
     frame,
     norm,
     rms,
 )
 from medustore.codecs.lattice import LatticeCodec, normalize_segments
 
-__all__ = ["INNER_CODEC_IDS", "DiffThresholdCodec", "ThresholdInfo", "inner_codec",
-           "threshold_info"]
+__all__ = ["INNER_CODEC_IDS", "DiffThresholdCodec", "ThresholdInfo", "inner_chunk",
+           "inner_codec", "threshold_info"]
 
 _MAGIC = b"MDDT"
 _VERSION = 2
@@ -126,6 +128,11 @@ class DiffThresholdCodec(Codec):
         Codec for the survivors (a 1-D array of the input dtype), or its config; only
         ``medustore.lattice`` is accepted (ValueError otherwise). By default the survivors
         are stored losslessly.
+    dtype : {"<f2", "<f4", "<f8"}, optional
+        Type of the values ``encode`` is given, as `LatticeCodec`'s ``dtype``: None infers
+        it from a float array; when set, any buffer-protocol input is viewed (not
+        converted) as that dtype, and float data of another dtype is refused (TypeError).
+        An inner codec's own ``dtype``, if set, must agree.
     """
 
     codec_id = "medustore.diffthreshold"
@@ -135,6 +142,7 @@ class DiffThresholdCodec(Codec):
         threshold: float | None = None,
         relative: float | None = None,
         inner: LatticeCodec | dict | None = None,
+        dtype: str | None = None,
     ) -> None:
         if threshold is not None and relative is not None:
             raise ValueError("DiffThresholdCodec takes `threshold` or `relative`, not both")
@@ -150,14 +158,28 @@ class DiffThresholdCodec(Codec):
         self.threshold = None if threshold is None else float(threshold)
         self.relative = None if relative is None else float(relative)
         self.inner = inner_codec(inner)
+        dt = float_dtype(dtype, "DiffThresholdCodec")
+        self.dtype = None if dt is None else dt.str
+        inner_dtype = None if self.inner is None else self.inner.dtype
+        if None not in (self.dtype, inner_dtype) and self.dtype != inner_dtype:
+            # the survivors keep the chunk's dtype: the inner codec would refuse them
+            raise ValueError(
+                f"DiffThresholdCodec dtype={self.dtype!r} disagrees with its inner codec's "
+                f"dtype={inner_dtype!r}; set one of them only, or the same on both"
+            )
 
     def get_config(self) -> dict:
-        return {"id": self.codec_id, "threshold": self.threshold, "relative": self.relative,
-                "inner": None if self.inner is None else self.inner.get_config()}
+        config = {"id": self.codec_id, "threshold": self.threshold,
+                  "relative": self.relative,
+                  "inner": None if self.inner is None else self.inner.get_config()}
+        if self.dtype is not None:  # absent unless set: older configs stay byte-identical
+            config["dtype"] = self.dtype
+        return config
 
     def __repr__(self) -> str:
+        dtype = "" if self.dtype is None else f", dtype={self.dtype!r}"
         return (f"DiffThresholdCodec(threshold={self.threshold!r}, relative={self.relative!r}, "
-                f"inner={self.inner!r})")
+                f"inner={self.inner!r}{dtype})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DiffThresholdCodec) and self.get_config() == other.get_config()
@@ -197,7 +219,7 @@ class DiffThresholdCodec(Codec):
     def encode(self, buf: object, segments: Sequence[int] | None = None) -> bytes:
         """Encode ``buf``; ``segments``: lengths of consecutive runs of its flat values,
         summing to its size, each thresholded (relative mode) and coded at its own scale."""
-        x = as_float_array(buf, "DiffThresholdCodec")
+        x = as_float_array(buf, "DiffThresholdCodec", self.dtype)
         check_finite(x, "DiffThresholdCodec")
         lengths = normalize_segments(segments, x.size, "DiffThresholdCodec")
         tau = max(self.taus(x, lengths), default=self.tau(x))
@@ -225,7 +247,7 @@ class DiffThresholdCodec(Codec):
         if dtype_code not in DTYPES:
             raise ValueError(f"DiffThresholdCodec: unknown dtype code {dtype_code}")
         dtype = DTYPES[dtype_code]
-        out_arr = None if out is None else np.asarray(out)
+        out_arr = as_out_array(out, "DiffThresholdCodec")  # any writable buffer
         check_count(count, out_arr, "DiffThresholdCodec")
         if out is None:
             check_claim(count, r.nbytes, "DiffThresholdCodec")
@@ -282,6 +304,17 @@ def _frame_content_size(data: memoryview) -> int | None:
         return None
     value = int.from_bytes(head[pos : pos + size], "little")
     return value + 256 if size == 2 else value
+
+
+def inner_chunk(buf: object) -> memoryview:
+    """The inner chunk of a `DiffThresholdCodec` chunk: the survivors as coded by the inner
+    codec (a `LatticeCodec` chunk, or their raw bytes; empty when nothing survived)."""
+    r = ChunkReader(buf, _MAGIC, _READS, "DiffThresholdCodec")
+    *_, mask_len, inner_len = r.unpack(_HEAD)
+    r.take(mask_len)
+    inner = r.take(inner_len)
+    r.finish()
+    return inner
 
 
 def threshold_info(buf: object) -> ThresholdInfo:

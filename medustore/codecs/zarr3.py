@@ -63,6 +63,13 @@ class NumcodecsArrayBytesCodec(ArrayBytesCodec):
             raise ValueError(
                 f"{self.codec_cls.codec_id} codes float arrays; this array is {dtype}"
             )
+        configured = self.configuration.get("dtype")
+        if configured is not None and dtype.newbyteorder("<").str != configured:
+            # refused when the array is created, not at its first write
+            raise ValueError(
+                f"{self.codec_cls.codec_id} has dtype={configured!r} but this array is "
+                f"{dtype}; drop the codec's `dtype` or set it to {dtype.newbyteorder('<').str!r}"
+            )
         return self
 
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
