@@ -212,8 +212,8 @@ class _Users(Sequence):
         return self._n
 
     def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return tuple(self._ids[: self._n][i])
+        if isinstance(i, slice):  # within the first n (no copy of the whole list)
+            return tuple(self._ids[slice(*i.indices(self._n))])
         if not -self._n <= i < self._n:
             raise IndexError(i)
         return self._ids[i % self._n]
@@ -363,6 +363,7 @@ class ArchiveIndex:
     _shared: _Growing | None = field(repr=False, default=None)
     _eager: _Full | None = field(repr=False, default=None)
     _lazy: _Lazy | None = field(repr=False, default=None)
+    _memo: dict = field(repr=False, default_factory=dict)  # derived tables, built once
 
     # ------------------------------------------------------------------ basic facts
 
@@ -432,6 +433,11 @@ class ArchiveIndex:
             return col if col is not None and col < self.n_users else None
         lazy = self._lazy
         with lazy.lock:
+            if lazy.full is not None:  # loaded: one map of every user
+                cols = self._memo.get("cols")
+                if cols is None:
+                    cols = self._memo["cols"] = {v: c for c, v in enumerate(lazy.full.users)}
+                return cols.get(u)
             if u not in lazy.cols:
                 lazy.cols[u] = self._find_lazy(u)
             return lazy.cols[u]
@@ -542,7 +548,14 @@ class ArchiveIndex:
     def user_entries(self, col: int) -> np.ndarray:
         """The entries (participations) of user column ``col``, increasing."""
         if self.loaded:
-            return np.flatnonzero(self._full().entry_user == col)
+            by_user = self._memo.get("by_user")
+            if by_user is None:  # entries grouped by user: one sort for every lookup
+                user = self._full().entry_user
+                order = np.argsort(user, kind="stable")
+                bounds = np.searchsorted(user[order], np.arange(self.n_users + 1))
+                by_user = self._memo["by_user"] = (order, bounds)
+            order, bounds = by_user
+            return order[bounds[col]:bounds[col + 1]]
         lazy = self._lazy
         with lazy.lock:
             if col not in lazy.entries_of:

@@ -216,42 +216,43 @@ def plan(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
     det = var = 0.0
     used = n_missing = n_rounds = 0
     missing: list[tuple[int, Any]] = []
-    terms: list[tuple[Term, ...]] = []
-    for k, row in enumerate(rows):
+    terms: list[tuple[Term, ...]] = [()] * len(rows)
+    first = rows[0] if rows else 0  # the window's rows are consecutive
+    for row in sorted(r for r in mine_rows if first <= r < first + len(rows)):
+        k = row - first
         f = skews[k]
         row_terms: list[Term] = []
         t = int(index.rounds[row])
-        if row in mine_rows:
-            rr = index.round_rows(row)
-            in_f = np.isin(rr.user, cols)
-            mine = np.flatnonzero(in_f)
-            n_rounds += 1
-            rest = float(rr.weight[~in_f].sum())
-            if rest == 0.0:  # every participant removed: subtract hbar_t
-                if have_agg:
-                    row_terms.append(Term("aggregate", row, -1, 1.0, f"aggregate of round {t}"))
-                    var += f * f * float(index.agg_evar[row])
-                    used += mine.size
-                else:
-                    det += f * float(index.anorm[row])
-                    n_missing += mine.size
-                    missing.extend((t, index.user_id(int(rr.user[i]))) for i in mine)
+        rr = index.round_rows(row)
+        in_f = np.isin(rr.user, cols)
+        mine = np.flatnonzero(in_f)
+        n_rounds += 1
+        rest = float(rr.weight[~in_f].sum())
+        if rest == 0.0:  # every participant removed: subtract hbar_t
+            if have_agg:
+                row_terms.append(Term("aggregate", row, -1, 1.0, f"aggregate of round {t}"))
+                var += f * f * float(index.agg_evar[row])
+                used += mine.size
             else:
-                for i in mine:
-                    coef = float(rr.weight[i]) / rest
-                    user = index.user_id(int(rr.user[i]))
-                    rec = int(rr.record[i])
-                    if rec >= 0:
-                        row_terms.append(Term("record", row, rec, coef,
-                                              f"record of user {user!r} in round {t}"))
-                        det += f * coef * float(rr.znorm[i])
-                        var += (f * coef) * (f * coef) * float(rr.evar[i])
-                        used += 1
-                    else:
-                        det += f * coef * float(rr.dnorm[i])
-                        n_missing += 1
-                        missing.append((t, user))
-        terms.append(tuple(row_terms))
+                det += f * float(index.anorm[row])
+                n_missing += mine.size
+                missing.extend((t, index.user_id(int(rr.user[i]))) for i in mine)
+        else:
+            for i in mine:
+                coef = float(rr.weight[i]) / rest
+                user = index.user_id(int(rr.user[i]))
+                rec = int(rr.record[i])
+                if rec >= 0:
+                    row_terms.append(Term("record", row, rec, coef,
+                                          f"record of user {user!r} in round {t}"))
+                    det += f * coef * float(rr.znorm[i])
+                    var += (f * coef) * (f * coef) * float(rr.evar[i])
+                    used += 1
+                else:
+                    det += f * coef * float(rr.dnorm[i])
+                    n_missing += 1
+                    missing.append((t, user))
+        terms[k] = tuple(row_terms)
     if not (math.isfinite(det) and math.isfinite(var)):
         raise ValueError(f"the error budget overflows (alpha={alpha!r} over {len(rows)} rounds, "
                          "or weights of extreme ratios); use a smaller alpha or a round window")

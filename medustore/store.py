@@ -372,9 +372,8 @@ class UpdateStore:
             updates = local_updates(self.layout, models, w_before)
         if pipe is None:
             plan = plan_round(self._committed, round, updates, weights, w_before)
-            self._latest = plan.model
-            return RoundSummary(plan.round, len(plan.users), int(plan.keep.sum()),
-                                self._commit(plan))
+            nbytes = self._commit(plan)
+            return RoundSummary(plan.round, len(plan.users), int(plan.keep.sum()), nbytes)
         if self._ahead is None:
             self._ahead = Ahead(self._committed)
         plan = plan_round(self._ahead, round, updates, weights, w_before)
@@ -393,6 +392,8 @@ class UpdateStore:
                                         lambda col: self._committed_reader().accumulator(col))
         self._committed = _with_snapshot(index, done[0])
         self._reader = None  # opened again when a read needs it
+        if self._pipeline is None:  # (pipelined: w_T moved on when the round was planned)
+            self._latest = plan.model  # only once committed: a failed round changes nothing
         self._since_compact += 1
         if self.retention.due(self._since_compact, index.n_rounds):
             self._repo.compact(self.retention, sweep=False)

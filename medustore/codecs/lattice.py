@@ -80,9 +80,11 @@ from medustore.codecs._format import (
     DTYPES,
     ChunkReader,
     as_float_array,
+    as_out_array,
     check_claim,
     check_count,
     check_finite,
+    float_dtype,
     frame,
     varint,
 )
@@ -289,6 +291,13 @@ class LatticeCodec(Codec):
         (ours): encodings are reproducible run to run, and different chunks still get
         unrelated dithers (the keyed hash acts as a random function of the data). Ignored
         when ``seed`` is given.
+    dtype : {"<f2", "<f4", "<f8"}, optional
+        Type of the values ``encode`` is given (any spelling numpy reads, e.g.
+        ``"float32"``; stored as ``"<f4"``). By default it is inferred from a float array.
+        When set, any buffer-protocol input (bytes, bytearray, memoryview, array.array,
+        integer arrays, as numcodecs passes chunks) is viewed, not converted, as that
+        dtype; float data of another dtype is refused (TypeError) rather than silently
+        cast to another precision. Decoding always returns the dtype the chunk records.
 
     Notes
     -----
@@ -306,6 +315,7 @@ class LatticeCodec(Codec):
         step: float | None = None,
         seed: int | None = None,
         key: int | None = None,
+        dtype: str | None = None,
     ) -> None:
         self._lattice = get_lattice(lattice)
         self.lattice = self._lattice.name
@@ -330,6 +340,8 @@ class LatticeCodec(Codec):
         self.step = step
         self.seed = seed
         self.key = key
+        dt = float_dtype(dtype, "LatticeCodec")
+        self.dtype = None if dt is None else dt.str  # "<f4": JSON-able, byte order explicit
 
     # ------------------------------------------------------------------ config
 
@@ -338,6 +350,8 @@ class LatticeCodec(Codec):
                   "step": self.step, "seed": self.seed}
         if self.key is not None:  # absent unless used: older configs stay byte-identical
             config["key"] = self.key
+        if self.dtype is not None:  # likewise: absent unless set
+            config["dtype"] = self.dtype
         return config
 
     def __repr__(self) -> str:
@@ -431,7 +445,7 @@ class LatticeCodec(Codec):
     def encode(self, buf: object, segments: Sequence[int] | None = None) -> bytes:
         """Encode ``buf`` (a chunk); ``segments``: lengths of consecutive runs of its flat
         values, summing to its size, each coded with its own cell size (None: one)."""
-        x = as_float_array(buf, "LatticeCodec")
+        x = as_float_array(buf, "LatticeCodec", self.dtype)
         check_finite(x, "LatticeCodec")
         lat = self._lattice
         lengths = normalize_segments(segments, x.size, "LatticeCodec")
@@ -484,7 +498,7 @@ class LatticeCodec(Codec):
     def decode(self, buf: object, out: object = None) -> np.ndarray:
         r = ChunkReader(buf, _MAGIC, _READS, "LatticeCodec")
         head = _read_header(r)
-        out_arr = None if out is None else np.asarray(out)
+        out_arr = as_out_array(out, "LatticeCodec")  # any writable buffer
         check_count(head.count, out_arr, "LatticeCodec")
         if head.mode == _MODE_CODED or out is None:  # a zero chunk with `out` fills only `out`
             check_claim(head.count, r.nbytes, "LatticeCodec")
@@ -502,19 +516,30 @@ class LatticeCodec(Codec):
                   and out.flags.c_contiguous and out.flags.writeable)
         xhat = out.reshape(-1) if direct else np.empty(head.count, dtype=dtype)
         try:
-            points = _points_source(payloads, head, blocks)
-            source = (_DitherSource if head.version == 1 else _CounterDither)(head.seed, lat)
-            _fill_gaps(xhat, head.pieces, head.count)
-            slab = slab_blocks(lat.dim)
-            # x_hat = (v - u) * t_j, slab by slab (temporaries stay in cache)
-            for b0 in range(0, blocks, slab):
-                nb = min(slab, blocks - b0)
-                v = points(b0, nb)
-                u = source.fill(_scratch("dec.u", nb * lat.dim).reshape(nb, lat.dim))
-                np.subtract(v, u, out=u)
-                lo = b0 * lat.dim
-                _scatter(u.reshape(-1), head.pieces, lo, min(lo + nb * lat.dim, coded), xhat)
-            points(blocks, 0)  # every stream consumed
+            from medustore.codecs import _kernels  # numba is imported on first use only
+
+            if head.version == 2 and head.width == 4 and _kernels.enabled(lat):
+                # compiled, the same values bit for bit: every slab in one call
+                streams = _decode_streams(payloads, blocks * lat.dim, head.width)
+                _fill_gaps(xhat, head.pieces, head.count)
+                _kernels.decode_into(streams, head.layout, lat, head.seed, head.pieces,
+                                     blocks, xhat)
+            else:
+                points = _points_source(payloads, head, blocks)
+                kind = _DitherSource if head.version == 1 else _CounterDither
+                source = kind(head.seed, lat)
+                _fill_gaps(xhat, head.pieces, head.count)
+                slab = slab_blocks(lat.dim)
+                # x_hat = (v - u) * t_j, slab by slab (temporaries stay in cache)
+                for b0 in range(0, blocks, slab):
+                    nb = min(slab, blocks - b0)
+                    v = points(b0, nb)
+                    u = source.fill(_scratch("dec.u", nb * lat.dim).reshape(nb, lat.dim))
+                    np.subtract(v, u, out=u)
+                    lo = b0 * lat.dim
+                    _scatter(u.reshape(-1), head.pieces, lo, min(lo + nb * lat.dim, coded),
+                             xhat)
+                points(blocks, 0)  # every stream consumed
         except ValueError as err:
             raise ValueError(f"LatticeCodec: {err}") from None
         _saturate(xhat)
@@ -721,8 +746,13 @@ def _index_streams(x: np.ndarray, pieces: Sequence[_Piece], seed: int, lat: Latt
 
     Slab by slab: ``z = y + u`` with ``y = x / t_j`` in float64 (the tail block
     zero-padded), as the reference rounds it, then the lattice's stream kernel; each
-    stream's pieces are gathered in one row of a buffer that holds every stream.
+    stream's pieces are gathered in one row of a buffer that holds every stream. With
+    numba, `medustore.codecs._kernels` computes the same streams in one compiled pass.
     """
+    from medustore.codecs import _kernels  # numba is imported on first use only
+
+    if _kernels.enabled(lat, encode=True):
+        return _kernels.index_streams(x, pieces, seed, lat)
     dim = lat.dim
     coded = sum(p.length for p in pieces)
     blocks = -(-coded // dim)
