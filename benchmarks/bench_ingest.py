@@ -16,6 +16,7 @@ is ``torch.save`` of each update (one file per user and round).
 
     python benchmarks/bench_ingest.py                     # 1M parameters, 10 users, 12 rounds
     python benchmarks/bench_ingest.py --params 200000 --rounds 6 --json out.json
+    PYTHONPATH=/path/to/older/checkout python benchmarks/bench_ingest.py --modes plain
 """
 
 from __future__ import annotations
@@ -43,16 +44,18 @@ def record(run: Run, rounds: list[dict], path: Path, name: str, pipeline: int) -
     pol, acc = policies()[name]
     shutil.rmtree(path, ignore_errors=True)
     waits = []
+    kwargs = {"pipeline": pipeline} if pipeline else {}  # older medustores lack it
     with medustore.open(path, "w", model=run.w0, policy=pol, accumulators=acc,
-                        pipeline=pipeline) as store:
+                        **kwargs) as store:
+        flush = getattr(store, "flush", lambda: None)
         store.record_round(0, rounds[0], weights={u: run.weights[u] for u in rounds[0]})
-        store.flush()
+        flush()
         start = time.perf_counter()
         for t in range(1, len(rounds)):
             w0 = time.perf_counter()
             store.record_round(t, rounds[t], weights={u: run.weights[u] for u in rounds[t]})
             waits.append(time.perf_counter() - w0)
-        store.flush()
+        flush()
         total = time.perf_counter() - start
     n = len(rounds) - 1
     return {"latency_s": statistics.median(waits), "sustained_s": total / n}
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--names", default=",".join(NAMES))
+    p.add_argument("--modes", default="plain,pipelined",
+                   help="plain, pipelined or both (an older medustore: plain)")
     p.add_argument("--out", type=Path, default=Path("/tmp/medustore-ingest"))
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.names.split(","):
         res["archives"][name] = {mode: record(run, rounds, a.out / f"{name}-{mode}", name,
                                               depth)
-                                 for mode, depth in (("plain", 0), ("pipelined", 2))}
+                                 for mode, depth in (("plain", 0), ("pipelined", 2))
+                                 if mode in a.modes.split(",")}
         print(f"{name}: {res['archives'][name]}", file=sys.stderr)
     shutil.rmtree(a.out, ignore_errors=True)
     print(f"| archive | mode | record_round waits (s) | MB/s | sustained s/round | MB/s | "

@@ -44,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
-from medustore.archive.postings import GROUP, check_runs
+from medustore.archive.postings import ARRAY, check_runs
 from medustore.errors import DamagedArchiveError
 from medustore.replay import PREFETCH
 
@@ -375,7 +375,7 @@ class _Verifier:
         keys = self.index.user_keys()[self.index.entry_user]
         for kind, message in check_runs(self.reader.group, self.index.n_rounds,
                                         self.index.start, keys, self.store.location):
-            self.problem(kind, GROUP, message)
+            self.problem(kind, ARRAY, message)
 
     def span(self, k: int) -> slice:
         return slice(k * self.c, min((k + 1) * self.c, self.m))
@@ -493,7 +493,7 @@ class _Verifier:
                 by_top.setdefault(top, []).append(rest)
             elif top != "zarr.json":
                 by_top.setdefault(top, []).append("")
-        declared = arrays.keys() | ({GROUP} if self.index.settings.sparse else set())
+        declared = arrays.keys() | ({ARRAY} if self.index.settings.sparse else set())
         foreign = sorted(t for t in by_top if t not in declared)
         if foreign:
             self.report.notes.append(

@@ -460,7 +460,7 @@ def create_arrays(group: zarr.Group, settings: Settings, serializers: Mapping[st
             dimension_names=s.dims, config={"write_empty_chunks": True},
             **codec_args(s, serializers))
     if settings.sparse:
-        group.create_group(postings.GROUP)
+        postings.create(group)
     init = initial.astype(settings.model_dtype)
     group["initial"].with_config({"write_empty_chunks": True})[:] = init
     group["model"].with_config({"write_empty_chunks": True})[:] = init

@@ -48,17 +48,17 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_runs_follow_the_binary_counter(archive: tuple[Path, dict]) -> None:
     path, _ = archive
-    assert postings.levels(ROUNDS) == [0, 2, 5]  # 37 = 32 + 4 + 1
-    assert [postings.run_rows(ROUNDS, k) for k in (0, 2, 5)] == [(36, 37), (32, 36), (0, 32)]
+    assert postings.levels(ROUNDS) == [5, 2, 0]  # 37 = 32 + 4 + 1
+    assert [postings.run_rows(ROUNDS, k) for k in (5, 2, 0)] == [(0, 32), (32, 36), (36, 37)]
     with medustore.open(path) as store:
         idx = store.index
         keys = idx.user_keys()[idx.entry_user]
         assert postings.check_runs(store.reader.group, ROUNDS, idx.start, keys, "x") == []
-        runs = store.reader.group[postings.GROUP]
-        # merged runs were emptied, not left behind
-        assert {k: runs[k].shape[0] for k in sorted(runs.array_keys())} == {
-            "L0": PER_ROUND, "L1": 0, "L2": 4 * PER_ROUND, "L3": 0, "L4": 0,
-            "L5": 32 * PER_ROUND}
+        arr = store.reader.group[postings.ARRAY]
+        # packed highest level first; merged runs replaced, nothing left behind
+        assert arr.shape == (ROUNDS * PER_ROUND, 2)
+        assert [r[:4] for r in arr.attrs["runs"]] == [
+            [5, 0, 32, 0], [2, 32, 36, 32 * PER_ROUND], [0, 36, 37, 36 * PER_ROUND]]
 
 
 def test_a_reader_plans_from_the_users_rounds_only(archive: tuple[Path, dict]) -> None:
