@@ -33,6 +33,9 @@ __all__ = ["ArchiveIndex", "IndexSource", "RoundRows", "Settings", "UserId", "pa
 
 UserId = int | str
 
+#: Entries between two rounds a reader still reads in one span (one index chunk's worth).
+_SPAN_GAP = 4096
+
 #: Index layout written by this version (see `Settings.index`).
 INDEX_VERSION = 2
 
@@ -445,6 +448,7 @@ class ArchiveIndex:
     def _find_lazy(self, u: UserId) -> int | None:
         text = user_text(u)
         found = self._lazy.source.lookup(user_key(text))
+        self.read_rounds([self.row_of_entry(e) for e in found.tolist()])
         cols = {}
         for e in found.tolist():
             rr = self.round_rows(self.row_of_entry(e))
@@ -518,15 +522,44 @@ class ArchiveIndex:
             if lazy.full is not None:
                 return _rows_of(lazy.full, sl.start, sl.stop,
                                 tuple(lazy.full.users[lo:int(self.users_after[row])]))
-            got = lazy.rows.get(row)
-            if got is None:
-                got = lazy.rows[row] = self._read_round(row, sl, lo)
-            return got
+            if row not in lazy.rows:
+                self.read_rounds([row])
+            return lazy.rows[row]
 
-    def _read_round(self, row: int, sl: slice, lo: int) -> RoundRows:
+    def read_rounds(self, rows: Sequence[int]) -> None:
+        """Read (and check) the rows of several rounds at once, ahead of `round_rows`:
+        rounds close together are read as one span of each index table."""
+        lazy = self._lazy
+        if lazy is None:
+            return
+        with lazy.lock:
+            if lazy.full is not None:
+                return
+            todo = sorted({int(r) for r in rows} - lazy.rows.keys())
+            spans: list[list[int]] = []
+            for row in todo:  # join a row to the span before it when the gap is small
+                if spans and self.start[row] - self.start[spans[-1][-1] + 1] <= _SPAN_GAP:
+                    spans[-1].append(row)
+                else:
+                    spans.append([row])
+            for span in spans:
+                first, last = span[0], span[-1]
+                e0, e1 = int(self.start[first]), int(self.start[last + 1])
+                u0 = int(self.users_after[first - 1]) if first else 0
+                u1 = int(self.users_after[last])
+                entries, efacts = lazy.source.rows(e0, e1)
+                texts = lazy.source.user_texts(u0, u1)
+                for row in span:
+                    sl = self.entries(row)
+                    lo = int(self.users_after[row - 1]) if row else 0
+                    part = slice(sl.start - e0, sl.stop - e0)
+                    lazy.rows[row] = self._check_round(
+                        row, sl, lo, entries[part], efacts[part],
+                        texts[lo - u0:int(self.users_after[row]) - u0])
+
+    def _check_round(self, row: int, sl: slice, lo: int, entries: np.ndarray,
+                     efacts: np.ndarray, texts: list[str]) -> RoundRows:
         lazy, where = self._lazy, self._lazy.source.where
-        entries, efacts = lazy.source.rows(sl.start, sl.stop)
-        texts = lazy.source.user_texts(lo, int(self.users_after[row]))
         d = chain(lazy.link(row - 1, self.settings), lazy.rounds[row], lazy.facts[row],
                   entries, efacts, texts)
         t = int(self.rounds[row])

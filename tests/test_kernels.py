@@ -236,6 +236,27 @@ def test_environment_selects_the_reference(monkeypatch: pytest.MonkeyPatch) -> N
     assert _kernels.available()
 
 
+def test_a_process_loads_the_kernels_after_a_warmup(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unset, the numpy path codes a process's first KERNEL_WARMUP values: a command that
+    # decodes a few records does not pay the ~0.4 s of loading numba (same bytes either way).
+    import sys
+
+    import medustore.codecs.lattice as lattice_mod
+
+    lat = get_lattice("A2")
+    monkeypatch.delenv("MEDUSTORE_KERNELS", raising=False)
+    monkeypatch.setattr(lattice_mod, "KERNEL_WARMUP", 1000)
+    monkeypatch.setitem(lattice_mod._coded, "values", 0)
+    monkeypatch.delitem(sys.modules, "medustore.codecs._kernels")  # as in a new process
+    assert lattice_mod._compiled(lat, 600) is None
+    assert lattice_mod._compiled(lat, 600) is _kernels  # 1,200 values coded: loaded
+    monkeypatch.setitem(lattice_mod._coded, "values", 0)
+    monkeypatch.setenv("MEDUSTORE_KERNELS", "numba")
+    assert lattice_mod._compiled(lat, 1) is _kernels
+    monkeypatch.setenv("MEDUSTORE_KERNELS", "numpy")
+    assert lattice_mod._compiled(lat, 10**9) is None
+
+
 def test_kernels_are_cached_on_disk() -> None:
     # cache=True on every compiled function: a new process loads instead of compiling
     from numba.core.caching import FunctionCache

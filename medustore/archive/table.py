@@ -4,7 +4,7 @@ Creation, opening, the writer, verify and export all read `TABLE`. Every array g
 its first dimension only, by appending; nothing a round writes is rewritten by a later
 round except ``model`` (w_T), the accumulator rows of that round's participants and the
 tail chunks of the index tables. Besides these arrays, the user runs of
-`medustore.archive.postings` (group ``postings``) are merged LSM-style.
+`medustore.archive.postings` (array ``postings``) are merged LSM-style.
 
 Dimensions::
 

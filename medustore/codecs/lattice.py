@@ -65,10 +65,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import secrets
 import struct
+import sys
+import threading
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numcodecs.abc import Codec
@@ -516,13 +519,13 @@ class LatticeCodec(Codec):
                   and out.flags.c_contiguous and out.flags.writeable)
         xhat = out.reshape(-1) if direct else np.empty(head.count, dtype=dtype)
         try:
-            from medustore.codecs import _kernels  # numba is imported on first use only
-
-            if head.version == 2 and head.width == 4 and _kernels.enabled(lat):
+            kernels = (_compiled(lat, blocks * lat.dim)
+                       if head.version == 2 and head.width == 4 else None)
+            if kernels is not None:
                 # compiled, the same values bit for bit: every slab in one call
                 streams = _decode_streams(payloads, blocks * lat.dim, head.width)
                 _fill_gaps(xhat, head.pieces, head.count)
-                _kernels.decode_into(streams, head.layout, lat, head.seed, head.pieces,
+                kernels.decode_into(streams, head.layout, lat, head.seed, head.pieces,
                                      blocks, xhat)
             else:
                 points = _points_source(payloads, head, blocks)
@@ -749,10 +752,9 @@ def _index_streams(x: np.ndarray, pieces: Sequence[_Piece], seed: int, lat: Latt
     stream's pieces are gathered in one row of a buffer that holds every stream. With
     numba, `medustore.codecs._kernels` computes the same streams in one compiled pass.
     """
-    from medustore.codecs import _kernels  # numba is imported on first use only
-
-    if _kernels.enabled(lat, encode=True):
-        return _kernels.index_streams(x, pieces, seed, lat)
+    kernels = _compiled(lat, sum(p.length for p in pieces), encode=True)
+    if kernels is not None:
+        return kernels.index_streams(x, pieces, seed, lat)
     dim = lat.dim
     coded = sum(p.length for p in pieces)
     blocks = -(-coded // dim)
@@ -773,6 +775,36 @@ def _index_streams(x: np.ndarray, pieces: Sequence[_Piece], seed: int, lat: Latt
             np.copyto(store[i, fill[i] : fill[i] + piece.size], piece, casting="unsafe")
             fill[i] += piece.size
     return [store[i, :n] for i, n in enumerate(fill)]
+
+
+#: Values a process codes with numpy before it loads the compiled kernels: loading them
+#: (importing numba, reading its cache) takes ~0.4 s, ~25 MB of decoding on the numpy path,
+#: which a one-off command decoding a few records would pay many times over. Both paths
+#: give the same bytes, so where the switch happens changes nothing but time.
+KERNEL_WARMUP = 2**23
+_coded = {"values": 0}
+_coded_lock = threading.Lock()
+
+
+def _compiled(lat: Lattice, values: int, encode: bool = False) -> Any:
+    """`medustore.codecs._kernels` if it should code these ``values`` of ``lat``, else None.
+
+    ``MEDUSTORE_KERNELS``: ``numpy`` never, ``numba`` always; unset, once this process has
+    coded `KERNEL_WARMUP` values (read on every call, so tests can switch paths).
+    """
+    setting = os.environ.get("MEDUSTORE_KERNELS", "").lower()
+    if setting == "numpy":
+        return None
+    if setting != "numba" and "medustore.codecs._kernels" not in sys.modules:
+        with _coded_lock:
+            _coded["values"] += values
+            if _coded["values"] < KERNEL_WARMUP:
+                return None
+    try:
+        from medustore.codecs import _kernels  # imports numba
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+    return _kernels if _kernels.enabled(lat, encode=encode) else None
 
 
 def _deliver(arr: np.ndarray, out: object) -> np.ndarray:
