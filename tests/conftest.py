@@ -31,7 +31,7 @@ settings.register_profile("explore", deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 # The compiled lattice kernels from the first value (a process otherwise codes its first
-# 2**23 values with numpy, the same bytes): the suite's small archives then run on them.
+# 2**25 values with numpy, the same bytes): the suite's small archives then run on them.
 # tests/test_kernels.py switches between the paths itself.
 os.environ.setdefault("MEDUSTORE_KERNELS", "numba")
 

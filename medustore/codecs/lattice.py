@@ -777,11 +777,13 @@ def _index_streams(x: np.ndarray, pieces: Sequence[_Piece], seed: int, lat: Latt
     return [store[i, :n] for i, n in enumerate(fill)]
 
 
-#: Values a process codes with numpy before it loads the compiled kernels: loading them
-#: (importing numba, reading its cache) takes ~0.4 s, ~25 MB of decoding on the numpy path,
-#: which a one-off command decoding a few records would pay many times over. Both paths
-#: give the same bytes, so where the switch happens changes nothing but time.
-KERNEL_WARMUP = 2**23
+#: Values a process codes with numpy before it loads the compiled kernels. Loading them
+#: (importing numba, reading its cache) takes ~0.4 s, about what the numpy path spends on
+#: 2**25 values (~130 MB at ~300 MB/s): switching then (as in renting skis until the rent
+#: paid equals the price) costs a one-off command at most twice the better choice, and a
+#: server gets the kernels after its first rounds. Both paths give the same bytes, so where
+#: the switch happens changes nothing but time.
+KERNEL_WARMUP = 2**25
 _coded = {"values": 0}
 _coded_lock = threading.Lock()
 
