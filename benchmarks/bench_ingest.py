@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_store import Run, policies  # noqa: E402
 
@@ -100,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
                                  if mode in a.modes.split(",")}
         print(f"{name}: {res['archives'][name]}", file=sys.stderr)
     shutil.rmtree(a.out, ignore_errors=True)
-    print(f"| archive | mode | record_round waits (s) | MB/s | sustained s/round | MB/s | "
-          f"x torch.save |")
+    print("| archive | mode | record_round waits (s) | MB/s | sustained s/round | MB/s | "
+          "x torch.save |")
     print("|---|---|---|---|---|---|---|")
     base = res["peers"]["sustained_s"]
     print(f"| peers (torch.save) | - | {res['peers']['latency_s']:.3f} | "

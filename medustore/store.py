@@ -22,8 +22,8 @@ from medustore.archive.storage import parse_location
 from medustore.errors import NotAnArchiveError, ReadOnlyError
 from medustore.index import ArchiveIndex, Settings, UserId, parse_round
 from medustore.layout import ModelLayout, OutputKind
-from medustore.policy import MeduPolicy, parse_policy
 from medustore.pipeline import Pipeline
+from medustore.policy import MeduPolicy, parse_policy
 from medustore.writer import (
     Ahead,
     RoundSummary,
