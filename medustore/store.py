@@ -226,17 +226,18 @@ class UpdateStore:
             self._reader = ArchiveReader(group, self._committed, self.location)
         return self._reader
 
+    # Settings never change: no need to wait for queued rounds.
     @property
     def layout(self) -> ModelLayout:
-        return self._index.layout
+        return self._committed.layout
 
     @property
     def policy(self) -> MeduPolicy:
-        return self._index.policy
+        return self._committed.policy
 
     @property
     def has_accumulators(self) -> bool:
-        return self._index.settings.accumulators
+        return self._committed.settings.accumulators
 
     @property
     def rounds(self) -> list[int]:

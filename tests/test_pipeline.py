@@ -67,6 +67,23 @@ def test_reads_wait_for_the_queue_and_close_commits_it(tmp_path: Path) -> None:
         check_answers(reader, h)
 
 
+def test_local_models_do_not_wait_for_the_queue(tmp_path: Path) -> None:
+    # models= and global_before= need the layout only: record_round must not flush
+    h = _history(9, 12, 3)
+    with medustore.open(tmp_path / "a", "w", model=h.w0, policy="full", pipeline=4) as s:
+        gate = threading.Event()
+        s._pipeline.submit(lambda: gate.wait(10), "the gate")
+        w = h.w0.astype(np.float64)
+        for r in h.rounds:
+            s.record_round(r.t, models={u: w + v for u, v in r.updates.items()},
+                           global_before=w)
+            w = w + r.aggregate()
+        assert s._pipeline.pending == 4  # the gate and the three rounds, none committed
+        gate.set()
+    with medustore.open(tmp_path / "a") as reader:
+        assert reader.rounds == [0, 1, 2]
+
+
 def test_bad_input_is_refused_at_once(tmp_path: Path) -> None:
     h = _history(7, 16, 2)
     with medustore.open(tmp_path / "a", "w", model=h.w0, policy="full", pipeline=2) as s:
