@@ -448,10 +448,11 @@ class ArchiveIndex:
     def _find_lazy(self, u: UserId) -> int | None:
         text = user_text(u)
         found = self._lazy.source.lookup(user_key(text))
-        self.read_rounds([self.row_of_entry(e) for e in found.tolist()])
+        rows = self.rows_of(found).tolist()
+        self.read_rounds(rows)
         cols = {}
-        for e in found.tolist():
-            rr = self.round_rows(self.row_of_entry(e))
+        for e, row in zip(found.tolist(), rows, strict=True):
+            rr = self.round_rows(row)
             cols.setdefault(int(rr.user[e - rr.first]), []).append(e)
         for col, entries in sorted(cols.items()):  # more than one: a key collision
             if self.user_id(col) == u:
@@ -493,9 +494,9 @@ class ArchiveIndex:
             raise ValueError(f"round {t} is not in this archive (it holds {self.rounds_text()})")
         return row
 
-    def row_of_entry(self, e: int) -> int:
-        """The row entry ``e`` belongs to."""
-        return int(np.searchsorted(self.start, e, side="right")) - 1
+    def rows_of(self, entries: np.ndarray) -> np.ndarray:
+        """The row each of ``entries`` belongs to."""
+        return np.searchsorted(self.start, entries, side="right") - 1
 
     def rounds_text(self) -> str:
         if not self.rounds.size:
@@ -606,8 +607,7 @@ class ArchiveIndex:
 
     def participation(self, user: Any) -> list[int]:
         """Rounds in which ``user`` took part (stored or not)."""
-        entries = self.user_entries(self.column(user))
-        rows = np.searchsorted(self.start, entries, side="right") - 1
+        rows = self.rows_of(self.user_entries(self.column(user)))
         return [int(self.rounds[r]) for r in rows]
 
     def dense(self, name: str) -> np.ndarray:

@@ -211,7 +211,7 @@ def plan(source: Any, users: Any, *, rounds: Any = None, alpha: float = 0.0,
         raise ValueError("the exact accumulator answers single-user removal over all rounds "
                          "with alpha 0, from an archive created with accumulators=True")
     # Only the rows the removed users took part in are read (a user's postings).
-    mine_rows = {index.row_of_entry(e) for c in cols for e in index.user_entries(c).tolist()}
+    mine_rows = {int(r) for c in cols for r in index.rows_of(index.user_entries(c))}
     have_agg = index.policy.keep_aggregates
     det = var = 0.0
     used = n_missing = n_rounds = 0

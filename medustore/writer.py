@@ -163,7 +163,8 @@ def _parse_weights(users: list[Any], weights: Mapping[Any, float] | None) -> np.
 
 
 def _map(fn: Any, items: Any) -> list:
-    """``[fn(x) for x in items]`` on the writer's threads (numpy releases the GIL)."""
+    """``[fn(x) for x in items]`` on the writer's threads (one pool per process, for
+    planning and coding alike; numpy and pcodec release the GIL)."""
     items = list(items)
     if len(items) <= 1:
         return [fn(x) for x in items]
@@ -177,13 +178,16 @@ def _spans(m: int) -> list[slice]:
     return [slice(a, min(a + step, m)) for a in range(0, m, step)]
 
 
+#: Writer threads (planning a round, coding its chunks): one per core, as the replay
+#: decodes.
+_CODERS = max(2, min(4, os.cpu_count() or 2))
 _POOL: ThreadPoolExecutor | None = None
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_CODERS, thread_name_prefix="medustore-plan")
+        _POOL = ThreadPoolExecutor(max_workers=_CODERS, thread_name_prefix="medustore-writer")
     return _POOL
 
 
@@ -409,16 +413,11 @@ def write_rows(store: Any, arr: zarr.Array, first: int, rows: list[np.ndarray],
         part[:piece.size] = piece
         return codec.encode(part, segments=segments[c])
 
-    jobs = [(j, c) for j in range(len(rows)) for c in range(n_chunks)]
-    with ThreadPoolExecutor(max_workers=min(len(jobs), _CODERS)) as pool:
-        blobs = list(pool.map(encode, jobs))  # numpy and pcodec release the GIL
+    # numpy and pcodec release the GIL
+    blobs = _map(encode, [(j, c) for j in range(len(rows)) for c in range(n_chunks)])
     sync(_put(store, keys, blobs))
     return np.array([len(b) for b in blobs], dtype=np.int64).reshape(
         len(rows), n_chunks).sum(axis=1)
-
-
-#: Threads coding a round's chunks: one per core, as the replay decodes.
-_CODERS = max(2, min(4, os.cpu_count() or 2))
 
 
 async def _sizes(store: Any, keys: list[str]) -> list[int]:

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from medustore.archive.table import LOSSLESS
 from medustore.errors import DamagedArchiveError
@@ -182,21 +181,9 @@ class Runs:
         return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
     def _rows(self, lo: int, hi: int, fence: int, k: int) -> np.ndarray:
-        from medustore.archive.reader import chunk_key
+        from medustore.archive.reader import read_rows
 
-        arr = self._arr
-        try:
-            for c in range(lo // RUN_ROWS, -(-hi // RUN_ROWS)):
-                key = chunk_key(arr, (c, 0))
-                if not sync(self._group.store.exists(key)):
-                    raise DamagedArchiveError(f"{self._where}: chunk {key} of the user index "
-                                              "is missing")
-            rows = np.asarray(arr[lo:hi], dtype=np.int64)
-        except DamagedArchiveError:
-            raise
-        except Exception as err:
-            raise DamagedArchiveError(f"{self._where}: the user index ({ARRAY}) does not "
-                                      f"read ({type(err).__name__})") from err
+        rows = read_rows(self._arr, lo, hi, self._where, what=f"the user index ({ARRAY})")
         if rows.shape[0] == 0 or rows[0, 0] != fence or (rows[1:, 0] < rows[:-1, 0]).any():
             raise DamagedArchiveError(f"{self._where}: user index run L{k} does not match "
                                       "its fence or is not sorted (damaged)")

@@ -174,31 +174,20 @@ def _open_array(group: zarr.Group, name: str, where: str) -> zarr.Array:
     return arr
 
 
-def _read_table(group: zarr.Group, name: str, n_rows: int, where: str) -> np.ndarray:
-    s = spec(name)
+def _open_table(group: zarr.Group, name: str, n_rows: int, where: str) -> zarr.Array:
+    """Index array ``name``, checked against its declaration and the archive's counts."""
     arr = _open_array(group, name, where)
-    problem = check_array(s, arr, "f4")
+    problem = check_array(spec(name), arr, "f4")
     if problem:
         raise DamagedArchiveError(f"{where}: {problem}")
     if arr.shape[0] != n_rows:
         raise DamagedArchiveError(f"{where}: index array {name} has {arr.shape[0]} rows, the "
                                   f"archive's counts say {n_rows}")
-    store = group.store
-    try:
-        for k in range(math.ceil(n_rows / arr.chunks[0])):
-            key = chunk_key(arr, (k,) if arr.ndim == 1 else (k, 0))
-            if not sync(store.exists(key)):
-                raise DamagedArchiveError(f"{where}: chunk {key} of index array {name} is "
-                                          "missing")
-        data = arr[...]
-    except DamagedArchiveError:
-        raise
-    except Exception as err:
-        raise DamagedArchiveError(f"{where}: index array {name} does not read: "
-                                  f"{_brief(err)}") from err
-    if s.dtype == "str":
-        return np.asarray(data, dtype=object)
-    return np.asarray(data, dtype=s.dtype).reshape(n_rows, *arr.shape[1:])
+    return arr
+
+
+def _read_table(group: zarr.Group, name: str, n_rows: int, where: str) -> np.ndarray:
+    return read_rows(_open_table(group, name, n_rows, where), 0, n_rows, where)
 
 
 def _brief(err: BaseException) -> str:
@@ -249,26 +238,18 @@ class _TableSource:
     def _array(self, name: str) -> zarr.Array:
         with self._lock:
             if name not in self._arrays:
-                arr = _open_array(self.group, name, self.where)
-                problem = check_array(spec(name), arr, "f4")
-                if problem:
-                    raise DamagedArchiveError(f"{self.where}: {problem}")
-                n = self._counts[spec(name).dims[0]]
-                if arr.shape[0] != n:
-                    raise DamagedArchiveError(f"{self.where}: index array {name} has "
-                                              f"{arr.shape[0]} rows, the archive's counts "
-                                              f"say {n}")
-                self._arrays[name] = arr
+                self._arrays[name] = _open_table(self.group, name,
+                                                 self._counts[spec(name).dims[0]], self.where)
             return self._arrays[name]
 
     def rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        return (_read_rows(self._array("entries"), lo, hi, self.where),
-                _read_rows(self._array("entry_facts"), lo, hi, self.where))
+        return (read_rows(self._array("entries"), lo, hi, self.where),
+                read_rows(self._array("entry_facts"), lo, hi, self.where))
 
     def user_texts(self, lo: int, hi: int) -> list[str]:
         if lo == hi:
             return []
-        return [str(u) for u in _read_rows(self._array("users"), lo, hi, self.where)]
+        return [str(u) for u in read_rows(self._array("users"), lo, hi, self.where)]
 
     def tables(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         n = self._counts
@@ -280,23 +261,22 @@ class _TableSource:
         return self._runs.lookup(key)
 
 
-def _read_rows(arr: zarr.Array, lo: int, hi: int, where: str) -> np.ndarray:
-    """Rows ``[lo, hi)`` of an index array, after checking that their chunks exist."""
-    name = arr.path.rpartition("/")[2]
+def read_rows(arr: zarr.Array, lo: int, hi: int, where: str, what: str | None = None
+              ) -> np.ndarray:
+    """Rows ``[lo, hi)`` of an index array, after checking that their chunks exist; any
+    failure is `DamagedArchiveError` naming ``what`` (default: the array)."""
+    what = what or f"index array {arr.path.rpartition('/')[2]}"
     rows = arr.chunks[0]
     try:
         for k in range(lo // rows, -(-hi // rows)):
             key = chunk_key(arr, (k,) if arr.ndim == 1 else (k, 0))
             if not sync(arr.store.exists(key)):
-                raise DamagedArchiveError(f"{where}: chunk {key} of index array {name} is "
-                                          "missing")
+                raise DamagedArchiveError(f"{where}: chunk {key} of {what} is missing")
         data = arr[lo:hi]
     except DamagedArchiveError:
         raise
     except Exception as err:
-        raise DamagedArchiveError(f"{where}: index array {name} does not read: "
-                                  f"{_brief(err)}") from err
-    s = spec(name)
-    if s.dtype == "str":
+        raise DamagedArchiveError(f"{where}: {what} does not read: {_brief(err)}") from err
+    if np.dtype(arr.dtype).kind in "TUO":  # the user table's JSON texts
         return np.asarray(data, dtype=object)
-    return np.asarray(data, dtype=s.dtype).reshape(hi - lo, *arr.shape[1:])
+    return np.asarray(data, dtype=arr.dtype).reshape(hi - lo, *arr.shape[1:])
